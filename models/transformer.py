@@ -30,7 +30,7 @@ F_i FFN size::
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import flax.linen as nn
 import flax.struct
@@ -266,13 +266,18 @@ class Transformer(nn.Module):
     Call: ``apply({'params': p}, input_ids [B, S] int32, attention_mask=[B, S] (1 = token, 0 = padding),
     token_type_ids=[B, S], train=False, output_hidden_states=False, output_attentions=False)`` ->
     :class:`TransformerOutput`. ``train=True`` enables dropout (needs the ``'dropout'`` RNG).
+
+    ``encoder_cls`` swaps the layer stack for another module with :class:`Encoder`'s interface (module
+    replacement uses it); extra keyword arguments of the call go to it.
     """
 
     config: TransformerConfig
+    encoder_cls: Any = None
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, train: bool = False,
-                 output_hidden_states: bool = False, output_attentions: bool = False) -> TransformerOutput:
+                 output_hidden_states: bool = False, output_attentions: bool = False,
+                 **encoder_kwargs) -> TransformerOutput:
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -291,7 +296,8 @@ class Transformer(nn.Module):
         # Additive mask in float32; the softmax island adds it to float32 scores.
         mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
         embedded = x
-        x, layer_outputs, probs_all, scores_all = Encoder(cfg, name="encoder")(embedded, mask_bias, deterministic)
+        encoder = (self.encoder_cls or Encoder)(cfg, name="encoder")
+        x, layer_outputs, probs_all, scores_all = encoder(embedded, mask_bias, deterministic, **encoder_kwargs)
         hidden = (embedded, *layer_outputs)
 
         logits, pooled = None, None

@@ -72,6 +72,9 @@ class Island(nn.Module):
 
     @nn.compact
     def __call__(self, fn, *xs):
-        out_dtype = jnp.float32 if self.kind == "logits" else xs[0].dtype
-        out = fn(*[x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in xs])
+        # "At least float32": float64 inputs (x64 tests) keep their precision.
+        wide = jnp.promote_types(xs[0].dtype, jnp.float32)
+        out_dtype = wide if self.kind == "logits" else xs[0].dtype
+        out = fn(*[x.astype(jnp.promote_types(x.dtype, jnp.float32)) if jnp.issubdtype(x.dtype, jnp.floating)
+                   else x for x in xs])
         return out.astype(out_dtype)

@@ -73,3 +73,16 @@ def write_json(path: str | None, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump({"environment": environment(), **payload}, f, indent=2)
     print(f"wrote {path}")
+
+
+def compiled_flops(fn: Callable, *args) -> float:
+    """FLOPs of ``jax.jit(fn)(*args)`` from XLA's cost analysis of the compiled program."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(cost, list):  # older JAX returned one dict per device
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+def param_count(params) -> int:
+    """Number of scalars in a parameter tree."""
+    return int(sum(x.size for x in jax.tree.leaves(params)))

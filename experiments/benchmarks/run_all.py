@@ -15,6 +15,8 @@ import time
 BENCHMARKS = [
     "bench_inference",  # our Transformer vs PyTorch BertModel, inference tokens/s
     "bench_train",  # our train step vs PyTorch BertForSequenceClassification + AdamW
+    "bench_compaction",  # structured pruning: compacted vs unpruned speed beside the FLOP ratio
+    "bench_mqa",  # multi-query / grouped-query successors: KV parameters, FLOPs, throughput
 ]
 
 

@@ -167,3 +167,35 @@ def test_bad_input():
         Outer().init(jax.random.key(0), jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="unknown replacement mode"):
         theseus.replacement_flags(None, "sometimes", 0.5, 2)
+
+
+def test_replaces_a_bilstm_layer_pair():
+    """The seed's point: no Transformer-specific feature. Two BiLSTM layers are replaced by one."""
+    from models.bilstm import BiLSTMEncoder
+
+    class Stack(nn.Module):
+        layers: int
+
+        @nn.compact
+        def __call__(self, x, mask):
+            return BiLSTMEncoder(4, self.layers, name="lstm")(x, mask, True)[0]
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x, mask, mode, p=None):
+            flags = theseus.replacement_flags(self, mode, p, 1)
+            return theseus.Replaceable(Stack(2, parent=None), Stack(1, parent=None), name="m")(
+                x, mask, replace=flags[0])
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    v = Model().init(jax.random.key(1), x, mask, "predecessor")
+    pred = Stack(2).apply({"params": v["params"]["m"]["predecessor"]}, x, mask)
+    succ = Stack(1).apply({"params": v["params"]["m"]["successor"]}, x, mask)
+    np.testing.assert_allclose(Model().apply(v, x, mask, "mixed", 0.0, rngs={"theseus": jax.random.key(2)}), pred,
+                               atol=1e-6)
+    np.testing.assert_allclose(Model().apply(v, x, mask, "mixed", 1.0, rngs={"theseus": jax.random.key(2)}), succ,
+                               atol=1e-6)
+    grads = jax.grad(lambda p: Model().apply({"params": theseus.freeze(p, lambda k: "successor" in k)}, x, mask,
+                                             "mixed", 0.5, rngs={"theseus": jax.random.key(5)}).sum())(v["params"])
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["m"]["predecessor"]))

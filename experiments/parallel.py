@@ -1,0 +1,155 @@
+"""Data parallelism behind one switch: the same per-device step under ``jax.pmap`` or ``jax.shard_map``.
+
+A per-device step is written once over the named axis :data:`AXIS` (``lax.pmean``/``lax.psum``/
+``lax.all_gather`` over ``"batch"``). :class:`DataParallel` runs it
+
+* ``"pmap"``: ``jax.pmap`` over this host's devices; after ``jax.distributed.initialize`` the collectives
+  span every host. State leaves carry a leading axis of the local device count.
+* ``"shard_map"``: ``jax.jit(jax.shard_map(...))`` on a one-axis mesh over all devices of all hosts. State
+  leaves are global arrays replicated over the mesh; the batch is sharded along ``"batch"``.
+
+Either way the caller sees the same three operations: :meth:`DataParallel.replicate` (host tree -> device
+state), :meth:`DataParallel.shard_batch` (this host's rows -> device batch) and
+:meth:`DataParallel.unreplicate` (device tree -> one host copy), so the training loop does not know which
+mode runs. Per-device outputs of a step must be replica-invariant (reduced with pmean/psum or gathered).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "batch"  # the named data-parallel axis every per-device step reduces over
+MODES = ("pmap", "shard_map")
+
+Mode = Literal["pmap", "shard_map"]
+
+
+def is_key(x) -> bool:
+    """True for a typed PRNG key array (``jax.random.key``)."""
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, cpu_collectives: str | None = None) -> None:
+    """Joins this process to a multi-host run; call before any other JAX call.
+
+    With no arguments, JAX detects the cluster (TPU VMs / pod slices, Slurm, Open MPI). On one machine
+    (``launch/local_multiprocess.py``) pass the coordinator ``127.0.0.1:PORT``, the process count and this
+    process's id, and ``cpu_collectives="gloo"`` so that CPU devices of different processes can all-reduce.
+    """
+    if cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+class DataParallel:
+    """Runs per-device steps over all devices of all processes; see the module docstring.
+
+    Args:
+      mode: ``"pmap"`` or ``"shard_map"``.
+      devices: the devices to use (all of ``jax.devices()`` by default; tests pass a subset). In pmap mode
+        the local ones among them are mapped over.
+    """
+
+    def __init__(self, mode: Mode = "pmap", devices=None):
+        if mode not in MODES:
+            raise ValueError(f"unknown parallelism {mode!r}; allowed: {list(MODES)}")
+        self.mode = mode
+        devices = list(jax.devices() if devices is None else devices)
+        self.devices = devices
+        self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
+        if not self.local_devices:
+            raise ValueError("none of the given devices belongs to this process")
+        self.mesh = Mesh(np.array(devices), (AXIS,))
+        # pmap places its per-device inputs on the local devices, one leading-axis slice each.
+        self._local_mesh = Mesh(np.array(self.local_devices), (AXIS,))
+
+    @property
+    def num_devices(self) -> int:
+        """Devices over all processes: the global batch is split this many ways."""
+        return len(self.devices)
+
+    @property
+    def num_local_devices(self) -> int:
+        return len(self.local_devices)
+
+    # -- placement ------------------------------------------------------------------------------------
+
+    def replicate(self, tree):
+        """Host tree (numpy / jax arrays / typed keys) -> device state replicated on every device.
+
+        Every process must pass the same values.
+        """
+        if self.mode == "pmap":
+            n = self.num_local_devices
+            sharding = NamedSharding(self._local_mesh, P(AXIS))
+
+            def put(x):
+                if is_key(x):
+                    data = put(np.asarray(jax.random.key_data(x)))
+                    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+                x = np.asarray(x)
+                return jax.device_put(np.broadcast_to(x[None], (n, *x.shape)), sharding)
+        else:
+            sharding = NamedSharding(self.mesh, P())
+
+            def put(x):
+                if is_key(x):
+                    data = put(np.asarray(jax.random.key_data(x)))
+                    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+                return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+        return jax.tree.map(put, tree)
+
+    def unreplicate(self, tree):
+        """Device tree (replicated) -> one host copy: numpy arrays, typed keys as single-device key arrays."""
+
+        def get(x):
+            if not isinstance(x, jax.Array):
+                return x
+            local = x.addressable_data(0)  # this host's first replica; indexing happens in numpy (no compile)
+            data = np.asarray(jax.random.key_data(local) if is_key(local) else local)
+            if self.mode == "pmap":
+                data = data[0]
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(local)) if is_key(local) else data
+
+        return jax.tree.map(get, tree)
+
+    def shard_batch(self, batch: dict[str, np.ndarray]):
+        """This process's rows (numpy, leading dim B_local divisible by the local device count) -> device batch."""
+        n = self.num_local_devices
+        for name, x in batch.items():
+            if x.shape[0] % n:
+                raise ValueError(f"batch field {name!r} has {x.shape[0]} rows on this host, not divisible by "
+                                 f"its {n} devices; make the global batch size a multiple of {self.num_devices}")
+        if self.mode == "pmap":
+            sharding = NamedSharding(self._local_mesh, P(AXIS))
+            return {k: jax.device_put(np.asarray(x).reshape(n, x.shape[0] // n, *x.shape[1:]), sharding)
+                    for k, x in batch.items()}
+        sharding = NamedSharding(self.mesh, P(AXIS))
+        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(x)) for k, x in batch.items()}
+
+    # -- compilation ----------------------------------------------------------------------------------
+
+    def compile(self, fn: Callable[..., Any], *, donate_state: bool = False):
+        """Compiles ``fn(state, batch) -> outputs`` written over :data:`AXIS` for this mode.
+
+        ``state`` comes from :meth:`replicate`, ``batch`` from :meth:`shard_batch`; the outputs must be
+        replicated (reduce or gather them inside ``fn``). ``donate_state`` lets XLA reuse the state's buffers.
+
+        The step is written with pmap semantics: gradients are per device and reduced explicitly. shard_map
+        therefore runs with ``check_vma=False``; with the check on, JAX would differentiate replicated inputs
+        as invariant values and sum their gradients over the axis implicitly, on top of the explicit pmean.
+        """
+        donate = (0,) if donate_state else ()
+        if self.mode == "pmap":
+            # devices=None keeps pmap's multi-host behaviour (local devices, collectives over all hosts).
+            devices = None if self.devices == jax.devices() else self.local_devices
+            return jax.pmap(fn, axis_name=AXIS, devices=devices, donate_argnums=donate)
+        mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
+        return jax.jit(mapped, donate_argnums=donate)

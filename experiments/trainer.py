@@ -1,0 +1,257 @@
+"""Train state, optimizer and the per-device train/eval steps over the named axis ``"batch"``.
+
+The steps are plain functions of ``(state, batch)`` written for one device with collectives over
+:data:`experiments.parallel.AXIS`; :class:`experiments.parallel.DataParallel` runs them under pmap or
+shard_map. The loss is pluggable::
+
+    loss_fn(params, batch, rng, extras) -> (loss, LossAux)
+
+``loss`` is this device's float32 scalar, a weighted mean over its examples (or tokens) whose normaliser is
+``LossAux.weight``; the step combines devices as ``sum_d w_d loss_d / sum_d w_d`` (and the same for the
+gradients), which is the global weighted mean whatever the per-device counts. ``extras`` are the variable
+collections besides ``params`` that a transform adds (gates, quantization scales, loss-scale state);
+distillation, L0 gates and fake quantization plug in by passing another ``loss_fn``.
+
+Batches are dicts of arrays: ``input_ids``/``attention_mask``/``token_type_ids`` int32 [B, S], ``labels``
+int32 [B] (sequence tasks) or [B, S] (token tasks, -100 = ignored), ``example_weight`` float32 [B].
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from experiments.metrics import IGNORE_INDEX
+from experiments.parallel import AXIS
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs, as one pytree.
+
+    Attributes:
+      step: int32 [], optimizer steps taken.
+      params: the trained parameters (float32 master weights).
+      opt_state: the optax state.
+      rng: typed PRNG key []; step ``t`` on device ``d`` uses ``fold_in(fold_in(rng, t), d)``.
+      epoch: int32 [], data position: the epoch of the next training batch.
+      batch_in_epoch: int32 [], data position: the index of the next batch within that epoch.
+      extras: other variable collections / trainer state (e.g. gates, loss scale); ``{}`` if none.
+    """
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+    epoch: jax.Array
+    batch_in_epoch: jax.Array
+    extras: PyTree
+
+    @classmethod
+    def create(cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
+               extras: PyTree | None = None) -> "TrainState":
+        if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            raise TypeError("TrainState.rng must be a typed key (jax.random.key), not raw uint32 key data")
+        zero = jnp.zeros((), jnp.int32)
+        return cls(step=zero, params=params, opt_state=tx.init(params), rng=rng, epoch=zero,
+                   batch_in_epoch=zero, extras={} if extras is None else extras)
+
+
+@flax.struct.dataclass
+class LossAux:
+    """What a loss function returns besides the loss.
+
+    Attributes:
+      weight: float32 [], the normaliser behind this device's mean loss (sum of example or token weights).
+      metrics: dict of float32 [] diagnostics, averaged across devices with the same weights.
+      extras: updated extra collections, or ``None`` to keep them. They must agree across devices (reduce
+        them over ``"batch"`` inside the loss if they depend on the batch).
+    """
+
+    weight: jax.Array
+    metrics: dict = flax.struct.field(default_factory=dict)
+    extras: PyTree | None = None
+
+
+LossFn = Callable[[PyTree, dict, jax.Array, PyTree], tuple[jax.Array, LossAux]]
+
+
+# -- parameter selection by regex over paths -------------------------------------------------------------
+
+def path_str(path) -> str:
+    """A tree path as ``"encoder/layer_0/attention/query/kernel"``."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def regex_mask(regex: str, tree: PyTree) -> PyTree:
+    """Bool tree: True where ``re.search(regex, path)`` matches the leaf's path (empty regex: none)."""
+    pattern = re.compile(regex) if regex else None
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: bool(pattern and pattern.search(path_str(p))), tree)
+
+
+# -- optimizer -----------------------------------------------------------------------------------------
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def make_schedule(learning_rate: float, total_steps: int, warmup_steps: int,
+                  kind: str = "linear") -> optax.Schedule:
+    """Linear warmup from 0 over ``warmup_steps``, then ``kind`` decay to 0 at ``total_steps``."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; allowed: {list(SCHEDULES)}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}]")
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if kind == "linear":
+        decay = optax.linear_schedule(learning_rate, 0.0, decay_steps)
+    elif kind == "cosine":
+        decay = optax.cosine_decay_schedule(learning_rate, decay_steps)
+    else:
+        decay = optax.constant_schedule(learning_rate)
+    if warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def make_optimizer(params: PyTree, *, schedule: optax.Schedule, weight_decay: float = 0.0,
+                   no_decay_regex: str = "", freeze_regex: str = "", grad_clip_norm: float = 0.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay off where ``no_decay_regex`` matches, gradient clipping by global
+    norm (over the trainable parameters; 0 = off), and parameters matching ``freeze_regex`` frozen (no
+    update, no optimizer state).
+    """
+    decay_mask = jax.tree.map(lambda m: not m, regex_mask(no_decay_regex, params))
+    parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    tx = optax.chain(*parts)
+    if not freeze_regex:
+        return tx
+    frozen = regex_mask(freeze_regex, params)
+    n_frozen = sum(jax.tree.leaves(frozen))
+    if n_frozen == 0:
+        raise ValueError(f"freeze_regex {freeze_regex!r} matches no parameter path")
+    if n_frozen == len(jax.tree.leaves(frozen)):
+        raise ValueError(f"freeze_regex {freeze_regex!r} freezes every parameter: nothing left to train")
+    labels = jax.tree.map(lambda f: "frozen" if f else "trainable", frozen)
+    return optax.partition({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+# -- losses and predictions for classification heads -------------------------------------------------------
+
+def _model_outputs(apply_fn, params, extras, batch, *, train: bool, rng=None):
+    rngs = {"dropout": rng} if train else None
+    return apply_fn({"params": params, **extras}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                    token_type_ids=batch["token_type_ids"], train=train, rngs=rngs)
+
+
+def _weighted_cross_entropy(logits, labels, example_weight):
+    """Per-position cross entropy and weights, float32. logits [B, C] or [B, S, C]; labels [B] or [B, S]."""
+    logits = logits.astype(jnp.float32)
+    valid = labels != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    w = example_weight.reshape(example_weight.shape + (1,) * (labels.ndim - 1)) * valid
+    return ce, w.astype(jnp.float32)
+
+
+def classification_loss(apply_fn: Callable) -> LossFn:
+    """Mean cross entropy of a classification head (sequence [B, C] or token [B, S, C] logits) under dropout.
+
+    Weights: ``example_weight`` times (label != -100); the weight sum is the normaliser.
+    """
+
+    def loss_fn(params, batch, rng, extras):
+        out = _model_outputs(apply_fn, params, extras, batch, train=True, rng=rng)
+        ce, w = _weighted_cross_entropy(out.logits, batch["labels"], batch["example_weight"])
+        total = jnp.sum(w)
+        denom = jnp.maximum(total, 1e-12)
+        correct = (jnp.argmax(out.logits, -1) == batch["labels"]).astype(jnp.float32)
+        return jnp.sum(ce * w) / denom, LossAux(weight=total,
+                                                metrics={"train_accuracy": jnp.sum(correct * w) / denom})
+
+    return loss_fn
+
+
+def classification_predict(apply_fn: Callable) -> Callable:
+    """``predict(params, extras, batch) -> (predictions int32 [B] or [B, S], loss_sum [], weight_sum [])``."""
+
+    def predict(params, extras, batch):
+        out = _model_outputs(apply_fn, params, extras, batch, train=False)
+        ce, w = _weighted_cross_entropy(out.logits, batch["labels"], batch["example_weight"])
+        return jnp.argmax(out.logits, -1).astype(jnp.int32), jnp.sum(ce * w), jnp.sum(w)
+
+    return predict
+
+
+# -- per-device steps ------------------------------------------------------------------------------------
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, steps_per_epoch: int,
+                    schedule: optax.Schedule | None = None):
+    """Per-device ``train_step(state, batch) -> (state, metrics)`` over :data:`AXIS`.
+
+    metrics (replicated float32 []): ``loss`` (global weighted mean), ``grad_norm`` (of the averaged
+    gradient, before clipping), ``learning_rate`` (if ``schedule`` is given), ``examples`` and ``tokens``
+    (global sums of example weights and attention-mask entries), and the loss's own metrics.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+
+    def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, state.extras)
+        weight = aux.weight.astype(jnp.float32)
+        # Weighted pmean: each device's share is w_d / mean_d(w), so pmean gives sum_d w_d g_d / sum_d w_d.
+        share = weight / jnp.maximum(lax.pmean(weight, AXIS), 1e-12)
+        grads = lax.pmean(jax.tree.map(lambda g: g * share.astype(g.dtype), grads), AXIS)
+        metrics = {k: lax.pmean(v * share, AXIS) for k, v in aux.metrics.items()}
+        metrics["loss"] = lax.pmean(loss * share, AXIS)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["examples"] = lax.psum(jnp.sum(batch["example_weight"]), AXIS)
+        metrics["tokens"] = lax.psum(jnp.sum(batch["attention_mask"]).astype(jnp.float32), AXIS)
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        next_batch = state.batch_in_epoch + 1
+        rollover = next_batch >= steps_per_epoch
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state,
+            epoch=state.epoch + rollover.astype(jnp.int32), batch_in_epoch=jnp.where(rollover, 0, next_batch),
+            extras=state.extras if aux.extras is None else aux.extras)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(predict_fn: Callable):
+    """Per-device ``eval_step(state, batch) -> outputs`` over :data:`AXIS`, gathered from every device.
+
+    outputs: ``predictions`` and ``labels`` [B_global] or [B_global, S], ``example_weight`` [B_global] in
+    device order (process-major), and the global ``loss_sum``/``weight_sum`` scalars.
+    """
+
+    def eval_step(state: TrainState, batch: dict):
+        preds, loss_sum, weight_sum = predict_fn(state.params, state.extras, batch)
+        gather = lambda x: lax.all_gather(x, AXIS, tiled=True)  # noqa: E731
+        return {"predictions": gather(preds), "labels": gather(batch["labels"]),
+                "example_weight": gather(batch["example_weight"]),
+                "loss_sum": lax.psum(loss_sum, AXIS), "weight_sum": lax.psum(weight_sum, AXIS)}
+
+    return eval_step

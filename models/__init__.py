@@ -4,6 +4,6 @@
 write the self-describing model directories that every stage hands on (see :mod:`models.io`).
 """
 
-from models.io import load, save
+from models.io import load, model_class, read_meta, save
 
-__all__ = ["load", "save"]
+__all__ = ["load", "model_class", "read_meta", "save"]

@@ -40,7 +40,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 # Files that make up a Hugging Face tokenizer or a word-level vocabulary; those present are copied.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "word_vocab.json", "char_vocab.json", "tokenizer_config.json",
+                   "special_tokens_map.json",
                    "added_tokens.json")
 
 
@@ -164,7 +165,9 @@ def flatten_params(params: Any) -> dict[str, np.ndarray]:
                                      "string without '/'")
                 visit(v, (*prefix, k))
         elif hasattr(node, "shape") and hasattr(node, "dtype"):
-            flat["/".join(prefix)] = np.asarray(node)
+            # C order: safetensors writes the raw buffer, so a strided or transposed view (e.g. columns picked
+            # by compaction) would be saved scrambled.
+            flat["/".join(prefix)] = np.ascontiguousarray(node)
         else:
             raise ValueError(f"params: leaf {'/'.join(prefix)} is a {type(node).__name__}, not an array")
 

@@ -12,6 +12,7 @@ metric after each round (the curve of metric vs fraction of heads pruned).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Iterable
 
 import jax
@@ -20,6 +21,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from compression.pruning.site_masks import MASKS, masks_by_path, unflatten
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mask_grads(loss_fn: Callable, variables: dict, batch) -> dict:
+    """d loss / d masks; variables are an argument (not closed over), so rounds reuse one compilation."""
+    return jax.grad(lambda m: loss_fn({**variables, MASKS: m}, batch))(variables[MASKS])
 
 
 def head_importance(loss_fn: Callable, variables: dict, batches: Iterable, *, normalize_per_layer: bool = True,
@@ -39,14 +46,11 @@ def head_importance(loss_fn: Callable, variables: dict, batches: Iterable, *, no
     if MASKS not in variables:
         raise ValueError("variables have no 'masks' collection: init them with site_masks('heads') first")
 
-    def grads(masks, batch):
-        return jax.grad(lambda m: loss_fn({**variables, MASKS: m}, batch))(masks)
-
-    grad_fn = jax.jit(grads) if jit else grads
+    grad_fn = _mask_grads if jit else _mask_grads.__wrapped__
     total = None
     count = 0
     for batch in batches:
-        g = jax.tree.map(lambda a: np.abs(np.asarray(a, np.float64)), grad_fn(variables[MASKS], batch))
+        g = jax.tree.map(lambda a: np.abs(np.asarray(a, np.float64)), grad_fn(loss_fn, variables, batch))
         total = g if total is None else jax.tree.map(np.add, total, g)
         count += 1
     if count == 0:

@@ -125,3 +125,18 @@ def test_lstm_families_resolve(family, module):
     pytest.importorskip(module)
     assert io.config_class(family).family == family
     assert isinstance(io.model_class(family), type)
+
+
+def test_strided_and_transposed_leaves_round_trip(tmp_path):
+    """Compaction hands over numpy views (picked columns, transposes): they must be saved in their values,
+    not their raw buffers."""
+    params = jax.tree.map(np.asarray, _params())
+    kernel = params["encoder"]["layer_0"]["intermediate"]["kernel"]
+    wide = np.asfortranarray(np.arange(kernel.size * 2, dtype=np.float32).reshape(kernel.shape[0], -1))
+    params["encoder"]["layer_0"]["intermediate"]["kernel"] = wide[:, ::2]  # strided, Fortran-ordered view
+    params["encoder"]["layer_0"]["attention"]["query"]["kernel"] = np.asarray(
+        params["encoder"]["layer_0"]["attention"]["query"]["kernel"]).T.copy().T  # transposed view
+    models.save(tmp_path / "m", "transformer", CFG, params)
+    _, _, loaded = models.load(tmp_path / "m")
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), b)

@@ -167,7 +167,7 @@ def flatten_params(params: Any) -> dict[str, np.ndarray]:
         elif hasattr(node, "shape") and hasattr(node, "dtype"):
             # C order: safetensors writes the raw buffer, so a strided or transposed view (e.g. columns picked
             # by compaction) would be saved scrambled.
-            flat["/".join(prefix)] = np.ascontiguousarray(node)
+            flat["/".join(prefix)] = np.asarray(node, order="C")
         else:
             raise ValueError(f"params: leaf {'/'.join(prefix)} is a {type(node).__name__}, not an array")
 

@@ -140,3 +140,6 @@ def test_strided_and_transposed_leaves_round_trip(tmp_path):
     _, _, loaded = models.load(tmp_path / "m")
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), b)
+    # 0-d leaves (scales, step counters) keep their shape
+    flat = io.flatten_params({"scale": np.float32(0.5), "kernel": wide[:, ::2]})
+    assert flat["scale"].shape == () and flat["kernel"].flags["C_CONTIGUOUS"]

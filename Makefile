@@ -26,7 +26,7 @@ $(STAMP): setup.py constraints.txt
 	touch $@
 
 demo: install
-	$(PY) -m experiments.demo --workdir runs/demo
+	$(PY) -m experiments.main --config=experiments/configs/recipe.py:demo --workdir=runs/demo
 
 test: install
 	$(PY) -m pytest -q -n 2 --durations=15 tests

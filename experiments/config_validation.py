@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 from typing import Any, Mapping
 
+from compression.precision import POLICY_NAMES
 from experiments.parallel import MODES
 from experiments.trainer import SCHEDULES
 
@@ -97,6 +98,13 @@ FINETUNE_SCHEMA: Schema = {
     "synthetic_size": Field(int, min=2),
     "seed": Field(int, min=0),
     "parallelism": Field(str, choices=MODES),
+    "precision": Field(str, choices=tuple(POLICY_NAMES)),
+    "loss_scale": {
+        "dynamic": Field(bool),
+        "init_scale": Field(float, min=1.0),
+        "growth_interval": Field(int, **POSITIVE),
+        "minimum_scale": Field(float, min=1e-30),
+    },
     "model": {
         "hidden_size": Field(int, **POSITIVE),
         "num_layers": Field(int, **POSITIVE),

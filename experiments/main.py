@@ -1,12 +1,15 @@
 """Entry point: ``python -m experiments.main --config=experiments/configs/finetune.py:TASK --workdir=DIR``.
 
-Parses flags and calls :func:`experiments.train.train_and_evaluate`; everything else lives in the library.
+Parses flags and runs the config's job (``config.job``: fine-tuning by default, ``distill``, ``recipe``; see
+:data:`JOBS`); everything else lives in the library.
 Override config fields with ``--config.a.b=value``. Multi-host runs join the cluster first: on TPU VMs and
 pod slices pass ``--distributed`` (JAX finds the coordinator); on one machine ``launch/local_multiprocess.py``
 passes ``--coordinator_address``, ``--num_processes``, ``--process_id`` and ``--cpu_collectives=gloo``.
 """
 
 from __future__ import annotations
+
+import importlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -23,6 +26,11 @@ _CPU_COLLECTIVES = flags.DEFINE_enum("cpu_collectives", None, ["gloo", "mpi"],
                                      "Cross-process collectives for CPU devices (local multi-process runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# config.job -> (module, function(config, workdir)); configs without ``job`` fine-tune.
+JOBS = {"finetune": ("experiments.train", "train_and_evaluate"),
+        "distill": ("experiments.distill", "distill_and_evaluate"),
+        "recipe": ("experiments.recipes", "run_recipe")}
+
 
 def main(argv):
     if len(argv) > 1:
@@ -34,10 +42,15 @@ def main(argv):
                                         _CPU_COLLECTIVES.value)
     import jax
 
-    from experiments.train import train_and_evaluate
-    logging.info("process %d of %d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count(), jax.default_backend())
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    job = config.get("job", "finetune")
+    if job not in JOBS:
+        raise app.UsageError(f"config.job={job!r} is not a known job; known: {sorted(JOBS)}")
+    module, function = JOBS[job]
+    run = getattr(importlib.import_module(module), function)
+    logging.info("process %d of %d, %d local / %d global devices (%s); job %s", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend(), job)
+    run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax.training.dynamic_scale import DynamicScale
 from jax import lax
 
+from compression import loss_scale
 from experiments.metrics import IGNORE_INDEX
 from experiments.parallel import AXIS
 
@@ -44,7 +46,10 @@ class TrainState:
       rng: typed PRNG key []; step ``t`` on device ``d`` uses ``fold_in(fold_in(rng, t), d)``.
       epoch: int32 [], data position: the epoch of the next training batch.
       batch_in_epoch: int32 [], data position: the index of the next batch within that epoch.
-      extras: other variable collections / trainer state (e.g. gates, loss scale); ``{}`` if none.
+      extras: other variable collections / trainer state (e.g. gates); ``{}`` if none.
+      dynamic_scale: float16 loss-scale state (:func:`compression.loss_scale.dynamic_scale`: float32
+        ``scale`` and int32 ``fin_steps``), or ``None`` without loss scaling (then it adds no leaves, so
+        checkpoints of runs without it keep their structure).
     """
 
     step: jax.Array
@@ -54,15 +59,16 @@ class TrainState:
     epoch: jax.Array
     batch_in_epoch: jax.Array
     extras: PyTree
+    dynamic_scale: DynamicScale | None = None
 
     @classmethod
     def create(cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
-               extras: PyTree | None = None) -> "TrainState":
+               extras: PyTree | None = None, dynamic_scale: DynamicScale | None = None) -> "TrainState":
         if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
             raise TypeError("TrainState.rng must be a typed key (jax.random.key), not raw uint32 key data")
         zero = jnp.zeros((), jnp.int32)
         return cls(step=zero, params=params, opt_state=tx.init(params), rng=rng, epoch=zero,
-                   batch_in_epoch=zero, extras={} if extras is None else extras)
+                   batch_in_epoch=zero, extras={} if extras is None else extras, dynamic_scale=dynamic_scale)
 
 
 @flax.struct.dataclass
@@ -131,6 +137,15 @@ def make_schedule(learning_rate: float, total_steps: int, warmup_steps: int,
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
+def optimizer_from_config(opt, params: PyTree, total_steps: int):
+    """``(tx, schedule)`` from a config's ``optimizer`` section (see experiments/configs/finetune.py)."""
+    schedule = make_schedule(opt.learning_rate, total_steps, round(opt.warmup_fraction * total_steps), opt.schedule)
+    tx = make_optimizer(params, schedule=schedule, weight_decay=opt.weight_decay, no_decay_regex=opt.no_decay_regex,
+                        freeze_regex=opt.freeze_regex, grad_clip_norm=opt.grad_clip_norm, b1=opt.b1, b2=opt.b2,
+                        eps=opt.eps)
+    return tx, schedule
+
+
 def make_optimizer(params: PyTree, *, schedule: optax.Schedule, weight_decay: float = 0.0,
                    no_decay_regex: str = "", freeze_regex: str = "", grad_clip_norm: float = 0.0,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
@@ -156,10 +171,29 @@ def make_optimizer(params: PyTree, *, schedule: optax.Schedule, weight_decay: fl
 
 # -- losses and predictions for classification heads -------------------------------------------------------
 
-def _model_outputs(apply_fn, params, extras, batch, *, train: bool, rng=None):
+def model_outputs(apply_fn, params, extras, batch, *, train: bool, rng=None, **kwargs):
+    """Calls a model of any family on its batch keys (``train=True`` needs ``rng`` for dropout).
+
+    ``input_ids``: the Transformer; ``char_ids``: the CNN-LSTM tagger; ``word_ids``: the BiLSTM classifier
+    (``word_ids_b`` for pairs). ``kwargs`` go to the model (e.g. ``output_hidden_states=True``).
+    """
+    variables = {"params": params, **extras}
     rngs = {"dropout": rng} if train else None
-    return apply_fn({"params": params, **extras}, batch["input_ids"], attention_mask=batch["attention_mask"],
-                    token_type_ids=batch["token_type_ids"], train=train, rngs=rngs)
+    if "input_ids" in batch:
+        return apply_fn(variables, batch["input_ids"], attention_mask=batch["attention_mask"],
+                        token_type_ids=batch["token_type_ids"], train=train, rngs=rngs, **kwargs)
+    if "char_ids" in batch:
+        return apply_fn(variables, batch["word_ids"], batch["char_ids"], batch["word_mask"], train=train,
+                        rngs=rngs, **kwargs)
+    if "word_ids" in batch:
+        return apply_fn(variables, batch["word_ids"], batch["word_mask"], batch.get("word_ids_b"),
+                        batch.get("word_mask_b"), train=train, rngs=rngs, **kwargs)
+    raise ValueError(f"batch has no model inputs (input_ids, word_ids or char_ids): keys {sorted(batch)}")
+
+
+def token_mask(batch) -> jax.Array:
+    """The batch's token mask: ``attention_mask`` (sub-words) or ``word_mask`` (words)."""
+    return batch["attention_mask"] if "attention_mask" in batch else batch["word_mask"]
 
 
 def _weighted_cross_entropy(logits, labels, example_weight):
@@ -178,7 +212,7 @@ def classification_loss(apply_fn: Callable) -> LossFn:
     """
 
     def loss_fn(params, batch, rng, extras):
-        out = _model_outputs(apply_fn, params, extras, batch, train=True, rng=rng)
+        out = model_outputs(apply_fn, params, extras, batch, train=True, rng=rng)
         ce, w = _weighted_cross_entropy(out.logits, batch["labels"], batch["example_weight"])
         total = jnp.sum(w)
         denom = jnp.maximum(total, 1e-12)
@@ -193,7 +227,7 @@ def classification_predict(apply_fn: Callable) -> Callable:
     """``predict(params, extras, batch) -> (predictions int32 [B] or [B, S], loss_sum [], weight_sum [])``."""
 
     def predict(params, extras, batch):
-        out = _model_outputs(apply_fn, params, extras, batch, train=False)
+        out = model_outputs(apply_fn, params, extras, batch, train=False)
         ce, w = _weighted_cross_entropy(out.logits, batch["labels"], batch["example_weight"])
         return jnp.argmax(out.logits, -1).astype(jnp.int32), jnp.sum(ce * w), jnp.sum(w)
 
@@ -209,32 +243,58 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, steps_per
     metrics (replicated float32 []): ``loss`` (global weighted mean), ``grad_norm`` (of the averaged
     gradient, before clipping), ``learning_rate`` (if ``schedule`` is given), ``examples`` and ``tokens``
     (global sums of example weights and attention-mask entries), and the loss's own metrics.
+
+    With ``state.dynamic_scale`` set (float16 training), the gradient is taken of the loss times the loss
+    scale and unscaled (:func:`compression.loss_scale.scaled_value_and_grad`); a step whose averaged gradient
+    is not finite leaves ``params``, ``opt_state`` and ``extras`` as they were and lowers the scale (every
+    device agrees: the finiteness check is on the averaged gradient). It still counts as a step (the batch
+    is consumed and ``step`` advances). Extra metrics: ``loss_scale`` (the scale the step used) and
+    ``skipped`` (1.0 for a skipped step).
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, state.extras)
-        weight = aux.weight.astype(jnp.float32)
-        # Weighted pmean: each device's share is w_d / mean_d(w), so pmean gives sum_d w_d g_d / sum_d w_d.
-        share = weight / jnp.maximum(lax.pmean(weight, AXIS), 1e-12)
-        grads = lax.pmean(jax.tree.map(lambda g: g * share.astype(g.dtype), grads), AXIS)
+
+        def weighted_loss(params):
+            # Weighted pmean: each device's share is w_d / mean_d(w), so the pmean of the gradients of
+            # share * loss_d is sum_d w_d g_d / sum_d w_d. The share is a constant of the batch.
+            loss, aux = loss_fn(params, batch, rng, state.extras)
+            weight = aux.weight.astype(jnp.float32)
+            share = lax.stop_gradient(weight / jnp.maximum(lax.pmean(weight, AXIS), 1e-12))
+            return loss * share, (loss, aux, share)
+
+        finite = None
+        if state.dynamic_scale is None:
+            (_, (loss, aux, share)), grads = jax.value_and_grad(weighted_loss, has_aux=True)(state.params)
+            grads = lax.pmean(grads, AXIS)
+        else:
+            new_scale, finite, (_, (loss, aux, share)), grads = loss_scale.scaled_value_and_grad(
+                weighted_loss, state.dynamic_scale, axis_name=AXIS)(state.params)
         metrics = {k: lax.pmean(v * share, AXIS) for k, v in aux.metrics.items()}
         metrics["loss"] = lax.pmean(loss * share, AXIS)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["examples"] = lax.psum(jnp.sum(batch["example_weight"]), AXIS)
-        metrics["tokens"] = lax.psum(jnp.sum(batch["attention_mask"]).astype(jnp.float32), AXIS)
+        metrics["tokens"] = lax.psum(jnp.sum(token_mask(batch)).astype(jnp.float32), AXIS)
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        extras = state.extras if aux.extras is None else aux.extras
+        dynamic_scale = None
+        if finite is not None:
+            params, opt_state, extras = loss_scale.select_finite(
+                finite, (params, opt_state, extras), (state.params, state.opt_state, state.extras))
+            metrics["loss_scale"] = state.dynamic_scale.scale
+            metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+            dynamic_scale = new_scale
         next_batch = state.batch_in_epoch + 1
         rollover = next_batch >= steps_per_epoch
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state,
             epoch=state.epoch + rollover.astype(jnp.int32), batch_in_epoch=jnp.where(rollover, 0, next_batch),
-            extras=state.extras if aux.extras is None else aux.extras)
+            extras=extras, dynamic_scale=dynamic_scale)
         return new_state, metrics
 
     return train_step

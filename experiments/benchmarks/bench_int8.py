@@ -1,13 +1,26 @@
 """Inference throughput of the real int8 path against float32, same model, same process.
 
-    python -m experiments.benchmarks.bench_int8 --out bench_results/int8.json
+    python -m experiments.benchmarks.bench_int8 --out_dir bench_results      # -> bench_results/bench_int8.json
 
 MiniLM shape (``TransformerConfig()`` defaults: 6 layers, hidden 384, 12 heads, FFN 1536), random weights,
-batch 32 x seq 128 by default. The int8 model is calibrated (max, one random batch: speed does not depend on
+batch 32 x seq 128 by default. The int8 model is calibrated (max, four random rows: speed does not depend on
 the scales), converted with :func:`compression.quantization.convert_to_int8` (every Dense runs
-int8 x int8 -> int32) and timed interleaved with the float32 model; the figure is the ratio of median
-times (target >= 2.5x). Each XLA flag variant (``--variants``, default: oneDNN custom calls) runs the same
-measurement in a subprocess, since XLA_FLAGS must be set before jax starts; ``default`` is this process.
+int8 x int8 -> int32 ``lax.dot_general``, one dequantization per layer) and timed interleaved with the float32
+model; the figure is the ratio of median times (target >= 2.5x). Also timed, interleaved with them:
+
+* the FFN GEMM alone (``[B*S, 384] @ [384, 1536]``) in float32 and int8 x int8 -> int32: the kernel-level
+  ceiling of the speed-up on this CPU;
+* with PyTorch installed (``--torch``), transformers' ``BertModel`` in float32 and after
+  ``torch.ao.quantization.quantize_dynamic`` (fbgemm int8 Linear layers): what a mature int8 CPU stack gets
+  from the same hardware.
+
+The int8 path computes what the fake-quantized model computes: ``int8_vs_fake_quant_rel_diff`` is
+``max |int8 - fake| / max |fake|`` of the last hidden state (values can differ by one quantization step where
+an activation sits on a rounding boundary). Each XLA flag variant (``--variants``; default: this process and
+oneDNN custom calls) runs in its own subprocess, since XLA_FLAGS must be set before jax starts.
+
+int8 speed depends on the CPU's int8 dot-product instructions (``cpu_int8_isa`` in the JSON): AVX-512 VNNI or
+AMX give XLA's int8 GEMM several times float32 throughput; with AVX2 only it is about float32's.
 """
 
 from __future__ import annotations
@@ -31,35 +44,88 @@ VARIANTS = {
     "default": "",
     "onednn": "--xla_cpu_experimental_onednn_custom_call=true",
     "xnnpack": "--xla_cpu_use_xnnpack=true",
+    "ynn_off": "--xla_cpu_experimental_ynn_fusion_type=",
 }
+INT8_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
 
 
-def measure(batch: int, seq: int, rounds: int) -> dict:
-    """Times float32 and int8 forward passes (jitted, interleaved); returns medians and the speed-up."""
-    cfg = TransformerConfig(hidden_dropout_rate=0.0, attention_dropout_rate=0.0)
+def cpu_int8_isa() -> list[str]:
+    """Which of :data:`INT8_ISA_FLAGS` the CPU reports (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in INT8_ISA_FLAGS if f in flags]
+
+
+def _torch_candidates(cfg: TransformerConfig, ids: np.ndarray, mask: np.ndarray) -> dict:
+    """transformers' BertModel in float32 and dynamically quantized to int8 (empty without torch)."""
+    try:
+        import torch
+        from transformers import BertConfig, BertModel
+    except ImportError:
+        return {}
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = BertModel(BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                 num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.heads(0),
+                                 intermediate_size=cfg.ffn_size(0),
+                                 max_position_embeddings=cfg.max_position_embeddings),
+                      add_pooling_layer=False).eval()
+    qmodel = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    ids_t, mask_t = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+
+    def run(m):
+        with torch.inference_mode():
+            return m(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+
+    return {"torch_float32": lambda: run(model), "torch_int8_dynamic": lambda: run(qmodel)}
+
+
+def measure(batch: int, seq: int, rounds: int, with_torch: bool) -> dict:
+    """Times float32 and int8 forward passes (jitted, interleaved); returns medians and the speed-ups."""
+    cfg = TransformerConfig(head="none", hidden_dropout_rate=0.0, attention_dropout_rate=0.0)
     model = Transformer(cfg)
     rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(1000, cfg.vocab_size, size=(batch, seq), dtype=np.int32))
-    mask = jnp.ones_like(ids)
-    variables = model.init(jax.random.key(0), ids[:1])
+    ids_np = rng.integers(1000, cfg.vocab_size, size=(batch, seq), dtype=np.int32)
+    ids, mask = jnp.asarray(ids_np), jnp.ones((batch, seq), jnp.int32)
+    variables = jax.jit(model.init)(jax.random.key(0), ids[:1])
     calibrated = quantization.calibrate(model.apply, variables, [(ids[:4], mask[:4])], method="max")
     t = quantization.int8()
     variables8 = t.init(jax.random.key(0), calibrated, model.apply, ids[:1])
-    apply8 = t.wrap(model.apply)
+    apply8, fake_apply = t.wrap(model.apply), quantization.fake_quant().wrap(model.apply)
 
     f32 = jax.jit(lambda v, i, m: model.apply(v, i, attention_mask=m).last_hidden_state)
     i8 = jax.jit(lambda v, i, m: apply8(v, i, attention_mask=m).last_hidden_state)
-    fq = quantization.fake_quant().wrap(model.apply)
-    fake = jax.jit(lambda v, i, m: fq(v, i, attention_mask=m).last_hidden_state)
-    # the int8 model must compute what the fake-quantized one does
-    drift = float(jnp.max(jnp.abs(i8(variables8, ids, mask) - fake(calibrated, ids, mask))))
-    times = common.time_interleaved({"float32": lambda: f32(variables, ids, mask),
-                                     "int8": lambda: i8(variables8, ids, mask)}, rounds=rounds)
+    fake = jax.jit(lambda v, i, m: fake_apply(v, i, attention_mask=m).last_hidden_state)
+    out8, out_fake = i8(variables8, ids, mask), fake(calibrated, ids, mask)
+    drift = float(jnp.max(jnp.abs(out8 - out_fake)))
+    scale = float(jnp.max(jnp.abs(out_fake)))
+    del out8, out_fake
+
+    x = jax.random.normal(jax.random.key(1), (batch * seq, cfg.hidden_size))
+    w = jax.random.normal(jax.random.key(2), (cfg.hidden_size, cfg.ffn_size(0)))
+    x_q, w_q = (x * 30).astype(jnp.int8), (w * 30).astype(jnp.int8)
+    gemm_f32 = jax.jit(lambda a, b: a @ b)
+    gemm_i8 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                                                       preferred_element_type=jnp.int32))
+    candidates = {"float32": lambda: f32(variables, ids, mask), "int8": lambda: i8(variables8, ids, mask),
+                  "gemm_float32": lambda: gemm_f32(x, w), "gemm_int8": lambda: gemm_i8(x_q, w_q)}
+    if with_torch:
+        candidates.update(_torch_candidates(cfg, ids_np, np.ones((batch, seq), np.int32)))
+    times = common.time_interleaved(candidates, rounds=rounds,
+                                    block=lambda r: r if hasattr(r, "detach") else jax.block_until_ready(r))
     med = {k: common.median(v) for k, v in times.items()}
-    return {"float32_ms": 1e3 * med["float32"], "int8_ms": 1e3 * med["int8"],
-            "speedup": med["float32"] / med["int8"], "tokens_per_s_int8": batch * seq / med["int8"],
-            "tokens_per_s_float32": batch * seq / med["float32"], "max_abs_diff_int8_vs_fake_quant": drift,
-            "times_s": times}
+    out = {"float32_ms": 1e3 * med["float32"], "int8_ms": 1e3 * med["int8"],
+           "speedup": med["float32"] / med["int8"], "tokens_per_s_float32": batch * seq / med["float32"],
+           "tokens_per_s_int8": batch * seq / med["int8"], "ffn_gemm_speedup": med["gemm_float32"] / med["gemm_int8"],
+           "int8_vs_fake_quant_max_abs_diff": drift, "int8_vs_fake_quant_rel_diff": drift / max(scale, 1e-30),
+           "cpu_int8_isa": cpu_int8_isa(), "times_s": times}
+    if "torch_int8_dynamic" in med:
+        out["torch_float32_ms"] = 1e3 * med["torch_float32"]
+        out["torch_int8_dynamic_ms"] = 1e3 * med["torch_int8_dynamic"]
+        out["torch_int8_speedup"] = med["torch_float32"] / med["torch_int8_dynamic"]
+    return out
 
 
 def _run_variant(name: str, args) -> dict:
@@ -69,8 +135,8 @@ def _run_variant(name: str, args) -> dict:
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {VARIANTS[name]}".strip()}
         cmd = [sys.executable, "-m", "experiments.benchmarks.bench_int8", "--variants", "default",
                "--batch", str(args.batch), "--seq", str(args.seq), "--rounds", str(args.rounds), "--quiet",
-               "--out", out]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+               "--no-torch", "--out", out]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             return {"error": (proc.stderr or proc.stdout)[-2000:]}
         with open(out) as f:
@@ -84,25 +150,37 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--variants", default="default,onednn",
                         help=f"comma-separated XLA flag variants among {sorted(VARIANTS)}")
+    parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time PyTorch float32 vs dynamic int8 (default process only)")
     parser.add_argument("--quiet", action="store_true", help="no table (used by the variant subprocesses)")
     parser.add_argument("--out", default=None, help="JSON results path")
+    parser.add_argument("--out_dir", default=None, help="write OUT_DIR/bench_int8.json (when --out is not given)")
     args = parser.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
         parser.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    if args.batch < 4 or args.seq < 1 or args.rounds < 1:
+        parser.error("need --batch >= 4 (calibration uses four rows), --seq >= 1 and --rounds >= 1")
+    out_path = args.out or (os.path.join(args.out_dir, "bench_int8.json") if args.out_dir else None)
 
     results = {}
     for name in names:
-        results[name] = measure(args.batch, args.seq, args.rounds) if name == "default" else _run_variant(name, args)
+        if name == "default":
+            results[name] = measure(args.batch, args.seq, args.rounds, args.torch)
+        else:
+            results[name] = _run_variant(name, args)
     if not args.quiet:
-        rows = [{"xla_flags": name, **{k: v for k, v in r.items() if k != "times_s"}} for name, r in results.items()]
+        rows = [{"xla_flags": name, **{k: v for k, v in r.items() if k not in ("times_s", "cpu_int8_isa")}}
+                for name, r in results.items()]
         common.print_table(rows, ["xla_flags", "float32_ms", "int8_ms", "speedup", "tokens_per_s_int8",
-                                  "max_abs_diff_int8_vs_fake_quant", "error"],
+                                  "ffn_gemm_speedup", "torch_int8_speedup", "int8_vs_fake_quant_rel_diff",
+                                  "error"],
                            f"int8 vs float32 inference, MiniLM shape, batch {args.batch} x seq {args.seq}")
         best = max((r["speedup"] for r in results.values() if "speedup" in r), default=float("nan"))
-        print(f"best int8 speed-up: {best:.2f}x (target >= 2.5x)")
-    common.write_json(args.out, {"batch": args.batch, "seq": args.seq, "results": results})
+        isa = next((r["cpu_int8_isa"] for r in results.values() if "cpu_int8_isa" in r), [])
+        print(f"best int8 speed-up: {best:.2f}x (target >= 2.5x); CPU int8-relevant ISA: {', '.join(isa) or '?'}")
+    common.write_json(out_path, {"batch": args.batch, "seq": args.seq, "results": results})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ What it measures, in one process:
 1. Inference throughput (tokens/s) of a MiniLM-shaped Transformer (``TransformerConfig()`` defaults,
    random init, sequence head) at batch 32 x seq 128 under the float32, bfloat16 and float16 policies with
    all float32 islands on. Policies are timed in interleaved rounds (one round times each policy in turn),
-   so machine noise hits all of them alike; medians and ratios to float32 are reported.
+   so machine noise hits all of them alike; median times and the median (and range) of the per-round
+   ratios to float32 are reported.
    Low-precision speed depends on the backend: XLA on CPU has no fast 16-bit matmul path, so ratios near
    (or below) 1 are expected there; on GPU/TPU the same script runs unchanged (the ``platform`` field says
    where it ran).
@@ -26,7 +27,6 @@ Expected runtime: under a minute on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -35,21 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from compression import precision
+from experiments.benchmarks import common
 from models.transformer import Transformer, TransformerConfig
 
 POLICIES = ("float32", "bfloat16", "float16")
 FP16_TINY = float(jnp.finfo(jnp.float16).tiny)  # smallest normal float16, 6.1e-5
 
 
-def _time_calls(fn, args, iters: int) -> float:
-    """Seconds per call of ``fn(*args)``, averaged over ``iters`` calls (results blocked on)."""
-    start = time.perf_counter()
-    for _ in range(iters):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - start) / iters
-
-
-def inference(batch: int, seq: int, repeats: int, iters: int, seed: int) -> dict:
+def inference(batch: int, seq: int, rounds: int, seed: int) -> dict:
     """Throughput and drift of the three policies on a MiniLM-shaped model; see the module docstring."""
     cfg = TransformerConfig()
     model = Transformer(cfg)
@@ -66,19 +59,20 @@ def inference(batch: int, seq: int, repeats: int, iters: int, seed: int) -> dict
         outs[name] = jax.block_until_ready(fns[name](variables, ids, mask))
         print(f"  compiled {name} in {time.perf_counter() - start:.1f}s", flush=True)
 
-    times = {name: [] for name in POLICIES}
-    for _ in range(repeats):
-        for name in POLICIES:
-            times[name].append(_time_calls(fns[name], (variables, ids, mask), iters))
+    times = common.time_interleaved({name: (lambda f=fns[name]: f(variables, ids, mask)) for name in POLICIES},
+                                    rounds=rounds, warmup=0)  # compiled and warmed up above
 
     ref = outs["float32"]
     result = {}
     for name in POLICIES:
         med = statistics.median(times[name])
+        # Paired per-round ratios: the policies run back to back, so load changes cancel within a round.
+        ratios = sorted(a / b for a, b in zip(times["float32"], times[name]))
         result[name] = {
             "median_s_per_batch": med,
             "tokens_per_s": batch * seq / med,
-            "ratio_vs_float32": statistics.median(times["float32"]) / med,
+            "ratio_vs_float32": statistics.median(ratios),
+            "ratio_vs_float32_min_max": [ratios[0], ratios[-1]],
             "max_abs_logit_diff": float(jnp.max(jnp.abs(outs[name].logits - ref.logits))),
             "max_abs_hidden_diff": float(jnp.max(jnp.abs(outs[name].last_hidden_state - ref.last_hidden_state))),
         }
@@ -108,7 +102,10 @@ def underflow(num_batches: int, batch: int, seq: int, seed: int, loss_scale: flo
 
         # Raw (still scaled) gradients: under the float16 policy each entry is the float16 value that
         # reached the float32 master weight, so zeros and subnormals are read off directly.
-        return jax.jit(lambda p, i, y: jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(jax.grad(loss)(p, i, y))]))
+        def flat_grads(params, ids, labels):
+            return jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(jax.grad(loss)(params, ids, labels))])
+
+        return jax.jit(flat_grads)
 
     fns = {"float32": grads_fn("float32", 1.0), "float16": grads_fn("float16", 1.0),
            "float16_scaled": grads_fn("float16", loss_scale)}
@@ -140,43 +137,46 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
-    parser.add_argument("--iters", type=int, default=2, help="calls per policy per round")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
     parser.add_argument("--underflow_batches", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if min(args.batch, args.seq, args.repeats, args.iters, args.underflow_batches) < 1:
-        parser.error("--batch, --seq, --repeats, --iters and --underflow_batches must be >= 1")
+    if min(args.batch, args.seq, args.rounds, args.underflow_batches) < 1:
+        parser.error("--batch, --seq, --rounds and --underflow_batches must be >= 1")
     if args.seq > TransformerConfig().max_position_embeddings:
         parser.error(f"--seq must be <= {TransformerConfig().max_position_embeddings}")
 
-    device = jax.devices()[0]
-    print(f"platform={device.platform} device={device.device_kind} devices={jax.device_count()}", flush=True)
+    env = common.environment()
+    print(f"platform={env['platform']} device={env['device']}", flush=True)
     t0 = time.perf_counter()
-    inf = inference(args.batch, args.seq, args.repeats, args.iters, args.seed)
+    inf = inference(args.batch, args.seq, args.rounds, args.seed)
     uf = underflow(args.underflow_batches, 16, 64, args.seed)
-    results = {"platform": device.platform, "device_kind": device.device_kind, "batch": args.batch,
-               "seq": args.seq, "repeats": args.repeats, "iters": args.iters, "model": "MiniLM-shaped, random init",
-               "inference": inf, "underflow": uf, "wall_s": time.perf_counter() - t0}
 
-    print(f"\nInference, batch {args.batch} x seq {args.seq}, islands on ({device.platform}; median of "
-          f"{args.repeats} interleaved rounds):")
-    print(f"{'policy':<10} {'ms/batch':>9} {'tokens/s':>10} {'vs fp32':>8} {'max|dlogit|':>12} {'max|dhidden|':>13}")
+    rows = []
     for name in POLICIES:
         r = inf[name]
-        print(f"{name:<10} {1e3 * r['median_s_per_batch']:>9.1f} {r['tokens_per_s']:>10.0f} "
-              f"{r['ratio_vs_float32']:>7.2f}x {r['max_abs_logit_diff']:>12.2e} {r['max_abs_hidden_diff']:>13.2e}")
-    print(f"(max |logit| in float32: {inf['max_abs_logit_float32']:.3f}; random init)")
-    print(f"\nFloat16 gradient underflow (small Transformer, {uf['batches']} random batches, "
-          f"{uf['nonzero_in_float32']} nonzero float32 gradient entries):")
-    print(f"{'':<22} {'flushed to 0':>13} {'subnormal':>10}")
-    print(f"{'float16, no scaling':<22} {uf['float16_flushed_fraction']:>13.2%} {uf['float16_subnormal_fraction']:>10.2%}")
-    print(f"{'float16, scale 2^15':<22} {uf['float16_scaled_flushed_fraction']:>13.2%} "
-          f"{uf['float16_scaled_subnormal_fraction']:>10.2%}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"\nwrote {args.out}")
+        lo, hi = r["ratio_vs_float32_min_max"]
+        rows.append({"policy": name, "ms_per_batch": 1e3 * r["median_s_per_batch"], "tokens_per_s": r["tokens_per_s"],
+                     "speed_vs_float32": r["ratio_vs_float32"], "ratio_range": f"{lo:.2f}-{hi:.2f}",
+                     "max_abs_logit_diff": r["max_abs_logit_diff"], "max_abs_hidden_diff": r["max_abs_hidden_diff"]})
+    common.print_table(rows, ["policy", "ms_per_batch", "tokens_per_s", "speed_vs_float32", "ratio_range",
+                              "max_abs_logit_diff", "max_abs_hidden_diff"],
+                       f"Inference, MiniLM shape (random init), batch {args.batch} x seq {args.seq}, islands on, "
+                       f"{env['platform']}; median of {args.rounds} interleaved rounds (speed: per-round paired "
+                       "float32 time / policy time)")
+    print(f"(max |logit| in float32: {inf['max_abs_logit_float32']:.3f})")
+    common.print_table(
+        [{"gradients": "float16, no loss scaling", "flushed_to_zero": uf["float16_flushed_fraction"],
+          "subnormal": uf["float16_subnormal_fraction"]},
+         {"gradients": f"float16, loss scale 2^{int(np.log2(uf['loss_scale']))}",
+          "flushed_to_zero": uf["float16_scaled_flushed_fraction"], "subnormal": uf["float16_scaled_subnormal_fraction"]}],
+        ["gradients", "flushed_to_zero", "subnormal"],
+        f"Float16 gradient underflow (small Transformer, {uf['batches']} random batches; fractions of the "
+        f"{uf['nonzero_in_float32']} gradient entries nonzero in float32)")
+    results = {"benchmark": "precision", "batch": args.batch, "seq": args.seq, "rounds": args.rounds,
+               "model": "MiniLM-shaped, random init", "inference": inf, "underflow": uf,
+               "wall_s": time.perf_counter() - t0}
+    common.write_json(args.out, results)
     return results
 
 

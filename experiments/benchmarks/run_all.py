@@ -17,6 +17,9 @@ BENCHMARKS = [
     "bench_train",  # our train step vs PyTorch BertForSequenceClassification + AdamW
     "bench_compaction",  # structured pruning: compacted vs unpruned speed beside the FLOP ratio
     "bench_mqa",  # multi-query / grouped-query successors: KV parameters, FLOPs, throughput
+    "bench_precision",  # float32/bfloat16/float16 policies: throughput, logit drift, float16 gradient underflow
+    "bench_fusion",  # fused vs separate QKV throughput; residual add + LayerNorm kernels
+    "bench_onnx",  # MiniLM in onnxruntime: our export vs torch.onnx, our int8 Q/DQ vs fp32 and ORT dynamic int8
 ]
 
 

@@ -10,15 +10,15 @@ task's folder laid out as in ../shared/data (defaults to that folder beside the 
 ``model_dir`` is a Hugging Face BERT checkpoint directory (default: the MiniLM package's ``model/``).
 Override any field with ``--config.a.b=value``. Re-running the same command in the same workdir resumes.
 
-Expected results and runtimes (estimates, not measurements: the transformers/PyTorch reference on this
-kind of 2-core CPU reached 88.9% SST-2 dev accuracy after one epoch at lr 5e-5 in 28 minutes; the
-shipped configs run longer schedules and keep the best dev checkpoint):
+Expected results and runtimes. SST-2 is measured (the shipped config, run on a 2-core CPU shared with other
+jobs, with ``--config.parallelism=shard_map``, which computes the same update); the other rows are estimates
+not yet measured. Runs keep the best dev checkpoint and export it:
 
 =========  ===========================  ==================================  ===========================
 task       metric (dev)                 expected                            runtime, 2 CPU cores
 =========  ===========================  ==================================  ===========================
 synthetic  accuracy                     1.00 (templated sentiment)          about 1 minute
-sst2       accuracy                     >= 0.89                             about 1 hour (2 epochs)
+sst2       accuracy                     0.8933 measured (best of 1 epoch)   1.5 hours measured (1 epoch)
 mrpc       accuracy / f1                about 0.80 / 0.86                   about 10 minutes (5 epochs)
 rte        accuracy                     about 0.60-0.65                     about 15 minutes (10 epochs)
 wikiann    span_f1                      about 0.80                          about 40 minutes (3 epochs)
@@ -77,6 +77,15 @@ def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
     c.synthetic_size = 2000  # training examples of a generated task (dev gets a quarter); ignored otherwise
     c.seed = 0  # seeds parameter init of new heads, dropout and data order
     c.parallelism = "pmap"  # "pmap" (per-device step under jax.pmap) or "shard_map" (jit + shard_map on a mesh)
+    # compute precision (compression.precision): "float32" | "bfloat16" | "float16" (aliases fp32/bf16/fp16);
+    # float32 master weights, float32 islands (softmax, attention scores, LayerNorm, logits), float32 loss
+    c.precision = "float32"
+
+    c.loss_scale = ml_collections.ConfigDict()  # dynamic loss scaling (compression.loss_scale), for float16
+    c.loss_scale.dynamic = False  # on: scale the loss, skip steps with non-finite gradients; float16 warns without
+    c.loss_scale.init_scale = 32768.0  # the first scale (2**15)
+    c.loss_scale.growth_interval = 2000  # finite steps in a row before the scale doubles
+    c.loss_scale.minimum_scale = 1.0  # the scale never drops below this; a skipped step there stops the run
 
     c.model = ml_collections.ConfigDict()  # architecture when training from scratch (model_dir None)
     c.model.hidden_size = 64  # width H
@@ -125,7 +134,9 @@ def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
         c.export = "last"
     elif task == "sst2":
         c.max_length = 64
-        c.num_epochs = 2.0
+        c.num_epochs = 1.0  # measured: best dev accuracy 0.8933 at step 1500 of 2104 (see the docstring)
+        c.eval_every_steps = 300
+        c.checkpoint.every_steps = 300
     elif task == "mrpc":
         c.max_length = 128
         c.num_epochs = 5.0

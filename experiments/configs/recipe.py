@@ -1,0 +1,109 @@
+"""The main job: fine-tune a teacher, distil it into a BiLSTM and a 3-layer Transformer, prune its heads,
+quantize it to int8, export everything to ONNX, and report every model side by side.
+
+Launch (``make demo`` runs the first; it needs no data files and finishes in under 15 minutes on 2 CPU cores)::
+
+    python -m experiments.main --config=experiments/configs/recipe.py:demo --workdir=runs/demo
+    python -m experiments.main --config=experiments/configs/recipe.py:sst2 --workdir=runs/sst2 \\
+        --config.data_dir=../shared/data/sst2
+
+``demo`` runs on the generated sentiment task (templated sentences with negation): with the MiniLM package
+installed the teacher is MiniLM fine-tuned briefly; without it, a small Transformer trained from scratch.
+``sst2`` is the same recipe on real SST-2 with MiniLM (about 1.5 hours on 2 CPU cores). Rerunning the same
+command skips finished stages and resumes an interrupted one. Override any stage field with e.g.
+``--config.teacher.config.num_epochs=1`` or drop stages with ``--config.stages=teacher,bilstm,report``.
+
+Each stage writes ``WORKDIR/<stage>/`` (``model/``, ``results.json``); ``report.md``, ``report.html`` and the
+plots are written at the top of the workdir.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import distill, finetune
+
+PROFILES = ("demo", "sst2")
+
+
+def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown recipe profile {profile!r}; allowed: {list(PROFILES)}")
+    task = "synthetic" if profile == "demo" else "sst2"
+    c = ml_collections.ConfigDict()
+    c.job = "recipe"  # experiments.main runs experiments.recipes.run_recipe
+    c.task = task  # the task every stage uses
+    c.data_dir = finetune._optional_str(finetune.default_data_dir(task))  # the task's data folder (None: generated)
+    c.synthetic_size = 2000  # training examples of the generated task
+    c.seed = 0  # data generation / order seed shared by the stages
+    c.stages = "teacher,transformer3,bilstm,pruned,int8,onnx"  # stage names in order (each has a section below)
+
+    # 1. The teacher: fine-tuning (experiments/configs/finetune.py fields).
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.kind = "finetune"
+    c.teacher.config = finetune.get_config(task)
+
+    # 2. Students (experiments/configs/distill.py fields); teacher_dir is filled in from the source stage.
+    c.transformer3 = ml_collections.ConfigDict()
+    c.transformer3.kind = "distill"
+    c.transformer3.source = "teacher"
+    c.transformer3.config = distill.get_config(f"{task},transformer3")
+
+    c.bilstm = ml_collections.ConfigDict()
+    c.bilstm.kind = "distill"
+    c.bilstm.source = "teacher"
+    c.bilstm.config = distill.get_config(f"{task},bilstm")
+
+    # 3. Head pruning of the teacher to a dev-metric budget, then compaction (experiments/prune.py).
+    c.pruned = ml_collections.ConfigDict()
+    c.pruned.kind = "prune"
+    c.pruned.source = "teacher"
+    c.pruned.max_drop = 1.0  # largest dev-metric drop allowed, in points
+    c.pruned.step = 0.1  # fraction of all heads removed per round
+    c.pruned.max_fraction = 0.5  # end of the curve
+    c.pruned.importance_examples = 1024  # training examples for the importance estimate per round
+
+    # 4. Post-training int8 quantization of the teacher (experiments/quantize.py).
+    c.int8 = ml_collections.ConfigDict()
+    c.int8.kind = "quantize"
+    c.int8.source = "teacher"
+    c.int8.calibrator = "percentile:99.99"  # max | percentile:P | mse | entropy
+    c.int8.calibration_batches = 16  # shuffled training batches of 32 for calibration (never dev)
+
+    # 5. ONNX export of the teacher and the students (experiments/export.py), int8 from the quantize stage.
+    c.onnx = ml_collections.ConfigDict()
+    c.onnx.kind = "export"
+    c.onnx.source = "teacher,transformer3,bilstm,pruned"
+    c.onnx.precisions = "fp32,fp16"  # fp32 | fp16; a source with a quantize stage also gets its int8 Q/DQ file
+
+    c.report = ml_collections.ConfigDict()
+    c.report.enabled = True  # write report.md/.html and plots at the end
+    c.report.batch = 32  # throughput batch
+    c.report.seq = 128  # throughput sequence length
+    c.report.rounds = 5  # interleaved timing rounds
+
+    stage_configs = [c.teacher.config, c.transformer3.config, c.bilstm.config]
+    for sc in stage_configs:  # linked: --config.data_dir=... reaches every stage
+        sc.data_dir = c.get_ref("data_dir")
+        sc.seed = c.get_ref("seed")
+        sc.synthetic_size = c.get_ref("synthetic_size")
+    if profile == "demo":
+        minilm = finetune.minilm_dir()
+        t = c.teacher.config
+        if minilm:
+            t.model_dir = minilm  # MiniLM fine-tuned briefly on the generated task
+            t.optimizer.learning_rate = 1e-4
+            t.num_train_steps = 120
+            t.eval_every_steps = 60
+            t.checkpoint.every_steps = 60
+        t.max_length = 32
+        for sc in (c.transformer3.config, c.bilstm.config):
+            sc.max_length = 32
+            sc.num_train_steps = 200
+            sc.eval_every_steps = 100
+            sc.checkpoint.every_steps = 100
+            sc.log_every_steps = 20
+        c.bilstm.config.augment.n_per_example = 1
+        c.report.seq = 64
+        c.report.rounds = 3
+    return c

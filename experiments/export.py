@@ -1,0 +1,210 @@
+"""Export a model directory to ONNX with verified parity, and print the TensorRT commands.
+
+    python -m experiments.export --model DIR --out OUT [--precision fp32,fp16,int8]
+        [--calib_task sst2 --calib_data ../shared/data/sst2 --calib_batches 16 --calib_method max]
+
+Reads any directory that ``models.load`` reads (every family) and writes, atomically (all or nothing)::
+
+    OUT/model_fp32.onnx  model_fp16.onnx  model_int8.onnx   the requested precisions, each past its gates
+    OUT/parity.json      per file: op counts, inputs/outputs, every onnxruntime-vs-JAX comparison
+    OUT/tensorrt.sh      the trtexec command building each engine (TensorRT needs an NVIDIA GPU)
+
+int8 needs activation scales: ``--calib_task``/``--calib_data`` calibrate them on training batches encoded
+with the model directory's tokenizer (Transformer family), or ``--quant_state FILE.npz`` gives a
+calibrated/QAT ``"quant"`` collection (flattened ``a/b/c`` keys, as :func:`save_quant_state` writes) for
+any family. The int8 graph is compared with the fake-quantized JAX model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+import models
+from models.io import flatten_params, unflatten_params
+from compression.export import PRECISIONS, ExportError, export, tensorrt
+
+TRT_RANGES = {"batch": (1, 32, 64), "sequence": (1, 128, 512)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """How a family's model is called for export.
+
+    Attributes:
+      inputs: name -> example array (int32, batch-major).
+      dynamic_axes: name -> dim name or None per axis.
+      dim_constraints: JAX symbolic-shape constraints (the position-table bound of the Transformer).
+    """
+
+    inputs: dict
+    dynamic_axes: dict
+    dim_constraints: tuple = ()
+
+
+def signature(family: str, config, batch: int = 2, seq: int = 16, seed: int = 0) -> Signature:
+    """Example inputs of a ``family`` model, with padding in the first row (ids valid for ``config``)."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seq), np.int32)
+    mask[0, seq // 2:] = 0
+    pair = ("batch", "sequence")
+    if family == "transformer":
+        seq = min(seq, config.max_position_embeddings)
+        mask = mask[:, :seq]
+        inputs = {"input_ids": rng.integers(0, config.vocab_size, (batch, seq)).astype(np.int32),
+                  "attention_mask": mask,
+                  "token_type_ids": np.zeros((batch, seq), np.int32)}
+        return Signature(inputs, dict.fromkeys(inputs, pair),
+                         (f"sequence <= {config.max_position_embeddings}",))
+    words = (rng.integers(1, config.vocab_size, (batch, seq)) * mask).astype(np.int32)
+    if family == "bilstm":
+        inputs = {"word_ids": words, "mask": mask}
+        if config.pair:
+            inputs.update(word_ids_b=words[::-1].copy(), mask_b=mask[::-1].copy())
+        axes = {k: pair if k in ("word_ids", "mask") else ("batch", "sequence_b") for k in inputs}
+        return Signature(inputs, axes)
+    if family == "cnn_lstm":
+        chars = rng.integers(1, config.char_vocab_size, (batch, seq, config.max_chars_per_token)).astype(np.int32)
+        inputs = {"word_ids": words, "char_ids": chars * mask[..., None], "mask": mask}
+        return Signature(inputs, {"word_ids": pair, "char_ids": pair + (None,), "mask": pair})
+    raise ExportError(f"no export signature for family {family!r}; known: transformer, bilstm, cnn_lstm")
+
+
+def save_quant_state(path: str, quant: Mapping) -> None:
+    """Writes a ``"quant"`` collection as an .npz of flattened ``a/b/c`` keys (see :func:`load_quant_state`)."""
+    np.savez(path, **flatten_params(quant))
+
+
+def load_quant_state(path: str) -> dict:
+    """The nested ``"quant"`` collection from an .npz written by :func:`save_quant_state`."""
+    with np.load(path) as data:
+        flat = {k: data[k] for k in data.files}
+    if not flat:
+        raise ExportError(f"{path} holds no quantization state")
+    return unflatten_params(flat)
+
+
+def calibration_batches(split, num_batches: int, batch_size: int = 32, seed: int = 0) -> list[dict]:
+    """``num_batches`` shuffled batches of a :class:`~experiments.data.Split` encoded for the Transformer
+    (``input_ids``, ``attention_mask``, ``token_type_ids``), for int8 calibration."""
+    if num_batches < 1:
+        raise ExportError(f"calib_batches must be >= 1, got {num_batches}")
+    out = []
+    for b in split.batches(batch_size, shuffle=True, seed=seed, drop_remainder=True):
+        out.append({k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+        if len(out) == num_batches:
+            break
+    return out
+
+
+def output_fields(apply_fn, keep: Sequence[str] | None = None):
+    """``apply_fn`` returning a dict of its output dataclass's fields (those in ``keep``, default all),
+    without the ``None`` ones: the ONNX outputs are named by these keys."""
+
+    def fn(variables, **inputs):
+        out = apply_fn(variables, **inputs)
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        return {k: v for k, v in fields.items() if v is not None and (keep is None or k in keep)}
+
+    return fn
+
+
+def export_model_dir(model_dir: str, out_dir: str, precisions: Sequence[str] = ("fp32",), *,
+                     calibration: Sequence[Mapping] | None = None, quant_state: Mapping | None = None,
+                     calib_method: str | None = None, outputs: Sequence[str] | None = None,
+                     trt_ranges: Mapping = TRT_RANGES, overwrite: bool = False, batch: int = 2,
+                     seq: int = 16) -> dict:
+    """Exports ``model_dir`` at each precision into ``out_dir`` (see the module docstring); returns the
+    parity report written to ``parity.json``.
+
+    Args:
+      calibration: input batches (dicts of the model's inputs) to calibrate int8 activation scales on.
+      quant_state: a calibrated/QAT ``"quant"`` collection (instead of ``calibration``).
+      calib_method: calibrator override (``max``, ``percentile:99.99``, ``mse``, ``entropy``).
+      outputs: output fields to export (default: every non-None field of the model's output).
+    """
+    from compression import quantization as q
+    from models.io import atomic_directory
+
+    precisions = list(dict.fromkeys(precisions))
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if not precisions or unknown:
+        raise ExportError(f"precisions must be a non-empty subset of {PRECISIONS}, got {list(precisions)}")
+    if "int8" in precisions and calibration is None and quant_state is None:
+        raise ExportError("int8 export needs calibration state: give calibration batches (--calib_task/"
+                          "--calib_data) or a calibrated/QAT quant collection (--quant_state)")
+    if os.path.exists(out_dir) and not overwrite:
+        raise ExportError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    model, config, params = models.load(model_dir)
+    family = models.read_meta(model_dir)["family"]
+    sig = signature(family, config, batch, seq)
+    fn = output_fields(model.apply, outputs)
+    variables = {"params": params}
+    report = {"model": os.path.abspath(model_dir), "family": family, "files": {}, "tensorrt": {}}
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        for precision in precisions:
+            path = os.path.join(tmp, f"model_{precision}.onnx")
+            kw = {}
+            v = variables
+            if precision == "int8":
+                if quant_state is not None:
+                    v = {**variables, q.QUANT: quant_state}
+                else:
+                    v = q.calibrate(model.apply, variables, list(calibration), method=calib_method)
+                kw = {"quant": q.dense_quant_scales(model.apply, v, **sig.inputs),
+                      "reference_fn": output_fields(q.fake_quant().wrap(model.apply), outputs)}
+            rep = export(fn, v, sig.inputs, path, precision=precision, dynamic_axes=sig.dynamic_axes,
+                         dim_constraints=sig.dim_constraints, **kw)
+            name = os.path.basename(path)
+            report["files"][name] = {**rep.to_dict(), "path": name}
+            profile = tensorrt.shape_profile(rep.inputs, {**trt_ranges, "sequence_b": trt_ranges["sequence"]})
+            report["tensorrt"][name] = tensorrt.trtexec_command(name, name.replace(".onnx", ".plan"), profile)
+        with open(os.path.join(tmp, "parity.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.join(tmp, "tensorrt.sh"), "w") as f:
+            f.write("#!/bin/sh\n# TensorRT engines (NVIDIA GPU, TensorRT >= 10); run from this directory\nset -e\n")
+            f.write("".join(cmd + "\n" for cmd in report["tensorrt"].values()))
+    return report
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="model directory (models.save)")
+    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--precision", default="fp32,fp16,int8", help="comma-separated subset of fp32,fp16,int8")
+    parser.add_argument("--calib_task", default=None, help="task name for int8 calibration (e.g. sst2)")
+    parser.add_argument("--calib_data", default=None, help="the task's data directory")
+    parser.add_argument("--calib_batches", type=int, default=16)
+    parser.add_argument("--calib_batch_size", type=int, default=32)
+    parser.add_argument("--calib_method", default=None, help="max, percentile:99.99, mse or entropy")
+    parser.add_argument("--quant_state", default=None, help=".npz quant collection (instead of calibration)")
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    calibration = quant_state = None
+    if "int8" in precisions:
+        if args.quant_state:
+            quant_state = load_quant_state(args.quant_state)
+        elif args.calib_task:
+            from experiments.data import load_task
+            data = load_task(args.calib_task, args.calib_data, tokenizer=args.model, max_length=args.max_length)
+            calibration = calibration_batches(data.train, args.calib_batches, args.calib_batch_size)
+    report = export_model_dir(args.model, args.out, precisions, calibration=calibration, quant_state=quant_state,
+                              calib_method=args.calib_method, overwrite=args.overwrite)
+    for name, info in report["files"].items():
+        worst = max(c["max_abs_diff"] for c in info["comparisons"])
+        print(f"{name}: max |onnxruntime - JAX| {worst:.3g} over {len(info['comparisons'])} comparisons")
+    print("TensorRT (NVIDIA GPU):")
+    for cmd in report["tensorrt"].values():
+        print("  " + cmd)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,12 @@ metadata records. Every variant runs the same float32 master weights through
 * ``bfloat16`` and ``float16`` with all islands on (softmax, attention scores, LayerNorm, logits in float32);
 * the same with one island off at a time (``-softmax`` ...), and with all of them off (``-all``).
 
+XLA may keep float32 intermediates inside a fused 16-bit kernel ("excess precision"; XLA on CPU evaluates
+bfloat16 element-wise work in float32 and rounds once at the kernel's end), which hides what an island
+protects: with the default flags the bfloat16 ``-softmax`` rows can equal the ``bfloat16`` row bit for bit.
+For an ablation that rounds every operation to 16 bits, as a backend with native 16-bit arithmetic does,
+run with ``XLA_FLAGS=--xla_allow_excess_precision=false`` (the flags are recorded in the JSON).
+
 For each it reports the task's dev metrics, the difference to float32 in points of the first metric, the max
 abs logit difference to float32 over real (unpadded) examples or tokens, and how many predictions differ
 from float32's. Prints a table, writes JSON with ``--out``. Dev batches are padded to ``max_length`` so that
@@ -144,8 +150,9 @@ def main(argv=None) -> dict:
                      synthetic_size=args.synthetic_size, buckets=[max_length])
     if task.num_labels != config.num_labels:
         parser.error(f"task {task_name!r} has {task.num_labels} labels, the model's head {config.num_labels}")
-    print(f"{task.name}: {len(task.dev)} dev examples, max_length {max_length}; "
-          f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})", flush=True)
+    env = common.environment()
+    print(f"{task.name}: {len(task.dev)} dev examples, max_length {max_length}; {env['platform']} "
+          f"({env['device']}); XLA_FLAGS={env['xla_flags']!r}", flush=True)
     results = evaluate(model, params, task, batch_size=args.batch_size, names=names)
 
     key = task.metric_names[0]

@@ -241,7 +241,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
         raise ValueError(f"the teacher has {teacher_cfg.num_labels} outputs, task {task.name} has "
                          f"{task.num_labels} labels")
     if task.kind == "token":
-        raise NotImplementedError("token-task distillation (CNN-LSTM tagger) is not wired into this runner yet")
+        raise ValueError(f"task {task.name} is a token task; this job distils sequence classifiers "
+                         "(Transformer or BiLSTM students), not taggers")
 
     par = DataParallel(config.parallelism)
     inputs = evaluation.model_inputs(task, s.family)

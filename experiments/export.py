@@ -26,7 +26,7 @@ import numpy as np
 
 import models
 from models.io import flatten_params, unflatten_params
-from compression.export import PRECISIONS, ExportError, export, tensorrt
+from compression.export import INT8_VS_FAKE_QUANT, PRECISIONS, ExportError, export, tensorrt
 
 TRT_RANGES = {"batch": (1, 32, 64), "sequence": (1, 128, 512)}
 
@@ -39,11 +39,21 @@ class Signature:
       inputs: name -> example array (int32, batch-major).
       dynamic_axes: name -> dim name or None per axis.
       dim_constraints: JAX symbolic-shape constraints (the position-table bound of the Transformer).
+      max_sizes: dim name -> largest size the model accepts (the Transformer's position table).
     """
 
     inputs: dict
     dynamic_axes: dict
     dim_constraints: tuple = ()
+    max_sizes: dict = dataclasses.field(default_factory=dict)
+
+    def trt_ranges(self, ranges: Mapping[str, tuple[int, int, int]]) -> dict:
+        """``ranges`` (dim name -> (min, opt, max)) clipped to :attr:`max_sizes`."""
+        out = {}
+        for d, r in ranges.items():
+            top = self.max_sizes.get(d)
+            out[d] = tuple(int(v) for v in r) if top is None else tuple(min(int(v), top) for v in r)
+        return out
 
 
 def signature(family: str, config, batch: int = 2, seq: int = 16, seed: int = 0) -> Signature:
@@ -58,8 +68,8 @@ def signature(family: str, config, batch: int = 2, seq: int = 16, seed: int = 0)
         inputs = {"input_ids": rng.integers(0, config.vocab_size, (batch, seq)).astype(np.int32),
                   "attention_mask": mask,
                   "token_type_ids": np.zeros((batch, seq), np.int32)}
-        return Signature(inputs, dict.fromkeys(inputs, pair),
-                         (f"sequence <= {config.max_position_embeddings}",))
+        return Signature(inputs, dict.fromkeys(inputs, pair), (f"sequence <= {config.max_position_embeddings}",),
+                         {"sequence": config.max_position_embeddings})
     words = (rng.integers(1, config.vocab_size, (batch, seq)) * mask).astype(np.int32)
     if family == "bilstm":
         inputs = {"word_ids": words, "mask": mask}
@@ -126,6 +136,8 @@ def export_model_dir(model_dir: str, out_dir: str, precisions: Sequence[str] = (
       quant_state: a calibrated/QAT ``"quant"`` collection (instead of ``calibration``).
       calib_method: calibrator override (``max``, ``percentile:99.99``, ``mse``, ``entropy``).
       outputs: output fields to export (default: every non-None field of the model's output).
+      trt_ranges: dim name -> (min, opt, max) of the TensorRT shape profiles (clipped to what the model
+        accepts).
     """
     from compression import quantization as q
     from models.io import atomic_directory
@@ -156,12 +168,14 @@ def export_model_dir(model_dir: str, out_dir: str, precisions: Sequence[str] = (
                 else:
                     v = q.calibrate(model.apply, variables, list(calibration), method=calib_method)
                 kw = {"quant": q.dense_quant_scales(model.apply, v, **sig.inputs),
-                      "reference_fn": output_fields(q.fake_quant().wrap(model.apply), outputs)}
+                      "reference_fn": output_fields(q.fake_quant().wrap(model.apply), outputs),
+                      "tolerance": INT8_VS_FAKE_QUANT}
             rep = export(fn, v, sig.inputs, path, precision=precision, dynamic_axes=sig.dynamic_axes,
                          dim_constraints=sig.dim_constraints, **kw)
             name = os.path.basename(path)
             report["files"][name] = {**rep.to_dict(), "path": name}
-            profile = tensorrt.shape_profile(rep.inputs, {**trt_ranges, "sequence_b": trt_ranges["sequence"]})
+            ranges = sig.trt_ranges({**trt_ranges, "sequence_b": trt_ranges["sequence"]})
+            profile = tensorrt.shape_profile(rep.inputs, ranges)
             report["tensorrt"][name] = tensorrt.trtexec_command(name, name.replace(".onnx", ".plan"), profile)
         with open(os.path.join(tmp, "parity.json"), "w") as f:
             json.dump(report, f, indent=2)

@@ -5,7 +5,8 @@
 
 ``--model_dir`` is a model directory written by ``train_and_evaluate`` (``models.save``: params, config, the
 tokenizer, and ``extra.task``/``extra.max_length``, which ``--task``/``--max_length`` override). Calibration uses
-the first ``--calib_examples`` examples of the shuffled train split (``--seed``), never the dev split. Rows:
+the first ``--calib_examples`` examples (rounded to whole batches) of the shuffled train split (``--seed``), never
+the dev split. Rows:
 
 * ``float32``: the model as trained;
 * ``ptq:<calibrator>``: simulated int8 (fake quantization, :func:`compression.quantization.fake_quant`) with the
@@ -64,17 +65,16 @@ def load_model_and_task(model_dir: str, data_dir: str | None = None, task: str |
 
 
 def calibration_batches(task: TaskData, examples: int, batch_size: int, seed: int) -> list[dict]:
-    """The model inputs of the first ``examples`` examples of the shuffled train split (all of it if smaller),
-    in batches of ``batch_size`` rows (the last one cut to what remains)."""
+    """The model inputs of the first ``examples`` examples of the shuffled train split, rounded to whole batches
+    of ``batch_size`` (at least one; all of the split if it is smaller): equal batch shapes compile once."""
     if examples < 1:
         raise ValueError(f"calib_examples must be >= 1, got {examples}")
-    out, left = [], min(examples, len(task.train))
+    n_batches = max(1, round(min(examples, len(task.train)) / batch_size))
+    out = []
     for batch in task.train.batches(batch_size, shuffle=True, seed=seed):
         real = batch["example_weight"] > 0
-        rows = np.flatnonzero(real)[:left]
-        out.append({k: batch[k][rows] for k in MODEL_INPUTS if k in batch})
-        left -= len(rows)
-        if left <= 0:
+        out.append({k: batch[k][real] for k in MODEL_INPUTS if k in batch})
+        if len(out) == n_batches:
             break
     return out
 

@@ -14,12 +14,14 @@ BERT attention), ``precision`` (float16 variant), ``qdq`` (int8 Q/DQ), ``parity`
 
 from compression.export.api import PRECISIONS, ExportReport, export
 from compression.export.converter import convert, register
-from compression.export.parity import TENSORRT_OPS, TOLERANCES, ParityError, Tolerance, onnxruntime_bert_fusion
+from compression.export.parity import (INT8_VS_FAKE_QUANT, TENSORRT_OPS, TOLERANCES, ParityError, Tolerance,
+                                       onnxruntime_bert_fusion)
 from compression.export.precision import to_float16
 from compression.export.program import ExportError, trace
 from compression.export.qdq import MatMulQuant
 
 __all__ = [
+    "INT8_VS_FAKE_QUANT",
     "PRECISIONS",
     "TENSORRT_OPS",
     "TOLERANCES",

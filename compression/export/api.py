@@ -62,7 +62,8 @@ class ExportReport:
             "path": self.path, "precision": self.precision, "opset": self.opset, "inputs": self.inputs,
             "outputs": self.outputs, "op_counts": self.op_counts,
             "comparisons": [{"level": c.level, "shapes": {k: list(v) for k, v in c.shapes.items()},
-                             "output": c.output, "max_abs_diff": c.max_abs_diff, "bound": c.bound}
+                             "output": c.output, "max_abs_diff": c.max_abs_diff, "bound": c.bound,
+                             "relative_rms": c.relative_rms, "rms_bound": c.rms_bound}
                             for c in self.comparisons],
         }
 
@@ -157,7 +158,8 @@ def export(
       tolerance: overrides ``parity.TOLERANCES[precision]``; a ``Tolerance`` or ``{level: Tolerance}`` for
         the onnxruntime levels of ``parity.LEVELS``.
       reference_fn: what onnxruntime is compared with (same signature as ``apply_fn``); defaults to
-        ``apply_fn``. For int8, pass the fake-quantized model to compare like with like.
+        ``apply_fn``. For int8, pass the fake-quantized model to compare like with like (and
+        ``tolerance=parity.INT8_VS_FAKE_QUANT``).
 
     Returns:
       An :class:`ExportReport`. Raises :class:`ExportError` / :class:`~compression.export.parity.ParityError`.

@@ -11,10 +11,8 @@
 3. Numerics: onnxruntime (CPU) against the JAX function on each input set, at two onnxruntime graph
    optimisation levels (``ORT_DISABLE_ALL`` runs the graph as written; ``ORT_ENABLE_ALL``, onnxruntime's
    default, runs its own fusions and layout transforms, which is what deployment sees), within
-   :data:`TOLERANCES` of the precision: |ort - jax| <= atol + rtol * max|jax| for every output. A
-   tolerance may differ per level: onnxruntime's fused int8 kernels on x86 CPUs without VNNI
-   (``MatMulIntegerToFloat``, uint8 x int8 via 16-bit pair sums) saturate and do not compute the
-   Q/DQ graph exactly, while ``ORT_DISABLE_ALL`` does.
+   :data:`TOLERANCES` of the precision (elementwise, or relative RMS for int8: see :class:`Tolerance`),
+   for every output; a tolerance may also differ per level.
 """
 
 from __future__ import annotations
@@ -34,10 +32,18 @@ TENSORRT_OPS = frozenset(["Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMi
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
-    """Allowed |onnxruntime - JAX| per output: ``atol + rtol * max|JAX output|``."""
+    """Allowed onnxruntime-vs-JAX difference per output.
 
-    atol: float
-    rtol: float
+    Elementwise (``relative_rms`` None): max |ort - jax| <= ``atol + rtol * max|jax|``. With
+    ``relative_rms``: ||ort - jax||_2 / ||jax||_2 <= ``relative_rms`` instead. The latter is for int8
+    graphs: an activation that lands on the other side of a rounding boundary (float summation order
+    differs between runtimes) moves a few elements by a whole quantization step, large elementwise and
+    negligible overall, while a wiring error (a wrong scale, axis or layout) moves all of them.
+    """
+
+    atol: float = 0.0
+    rtol: float = 0.0
+    relative_rms: float | None = None
 
     def bound(self, reference: np.ndarray) -> float:
         scale = float(np.max(np.abs(reference))) if reference.size else 0.0
@@ -45,13 +51,18 @@ class Tolerance:
 
 
 # fp32: the acceptance bound on logits. fp16: float16 storage/compute (11-bit mantissa) through a
-# few layers, float32 LayerNorm/softmax. int8: a wiring check against the float model only; int8
-# accuracy is judged by the task metric.
+# few layers, float32 LayerNorm/softmax. int8 against the float model: a wiring check only (int8
+# accuracy is judged by the task metric); against the fake-quantized JAX model (``reference_fn``),
+# INT8_VS_FAKE_QUANT checks that the graph computes what the quantized model computes. Each layer
+# matches it closely (MiniLM, one layer: relative RMS 2e-5), but a float difference of 1e-6 moves some
+# activations across a rounding boundary, and the flips compound through the layers (all six MiniLM
+# layers: 0.086, at either onnxruntime level); a wrong scale, axis or layout gives errors of order 1.
 TOLERANCES = {
-    "fp32": Tolerance(atol=1e-4, rtol=0.0),
+    "fp32": Tolerance(atol=1e-4),
     "fp16": Tolerance(atol=1e-2, rtol=1e-2),
-    "int8": Tolerance(atol=0.1, rtol=0.1),
+    "int8": Tolerance(relative_rms=0.3),
 }
+INT8_VS_FAKE_QUANT = Tolerance(relative_rms=0.15)
 
 
 class ParityError(ExportError):
@@ -60,17 +71,43 @@ class ParityError(ExportError):
 
 @dataclasses.dataclass
 class Comparison:
-    """One output compared on one input set at one onnxruntime optimisation level."""
+    """One output compared on one input set at one onnxruntime optimisation level.
+
+    ``max_abs_diff`` and ``relative_rms`` (||ort - jax|| / ||jax||) are always measured; ``bound`` is the
+    elementwise bound, ``rms_bound`` the relative-RMS bound when the tolerance is of that kind (then it
+    decides).
+    """
 
     level: str
     shapes: dict
     output: str
     max_abs_diff: float
     bound: float
+    relative_rms: float = 0.0
+    rms_bound: float | None = None
 
     @property
     def ok(self) -> bool:
+        if self.rms_bound is not None:
+            return bool(np.isfinite(self.relative_rms)) and self.relative_rms <= self.rms_bound
         return bool(np.isfinite(self.max_abs_diff)) and self.max_abs_diff <= self.bound
+
+    def describe(self) -> str:
+        if self.rms_bound is not None:
+            return f"relative RMS {self.relative_rms:.3g} > {self.rms_bound:.3g} (max |diff| {self.max_abs_diff:.3g})"
+        return f"max |diff| {self.max_abs_diff:.3g} > {self.bound:.3g}"
+
+
+def measure(level: str, shapes: dict, name: str, got: np.ndarray, want: np.ndarray, tol: Tolerance) -> Comparison:
+    """A :class:`Comparison` of ``got`` against ``want`` (integer and bool outputs must match exactly)."""
+    g, e = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    diff = float(np.max(np.abs(g - e))) if e.size else 0.0
+    norm = float(np.sqrt(np.sum(e * e)))
+    rms = float(np.sqrt(np.sum((g - e) ** 2)) / norm) if norm > 0 else (0.0 if diff == 0 else float("inf"))
+    exact = np.asarray(got).dtype == np.bool_ or np.issubdtype(np.asarray(got).dtype, np.integer)
+    if exact:
+        return Comparison(level, shapes, name, diff, 0.0, rms, None)
+    return Comparison(level, shapes, name, diff, tol.bound(e), rms, tol.relative_rms)
 
 
 def check_structure(path: str) -> onnx.ModelProto:
@@ -121,11 +158,18 @@ def ort_levels():
 
 
 def ort_session(path: str, level: str = "ORT_DISABLE_ALL"):
-    """An onnxruntime CPU session on the model at ``path`` with the named graph optimisation level."""
+    """An onnxruntime CPU session on the model at ``path`` with the named graph optimisation level.
+
+    Integer matmuls run in onnxruntime's exact mode (``session.x64quantprecision``): on x86 CPUs without
+    VNNI its default uint8 x int8 kernels add pairs of products in 16 bits, which saturates (elements off
+    by several units on MiniLM), and the gate checks the graph, not that CPU's kernels. Deployments on
+    such CPUs should set the same option; it has no effect elsewhere.
+    """
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort_levels()[level]
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.x64quantprecision", "1")
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
@@ -164,17 +208,14 @@ def compare(
             except Exception as e:  # onnxruntime fails at run time
                 raise ParityError(f"onnxruntime ({level}) failed on inputs {shapes}: {e}") from e
             for name, g, e in zip(output_names, got, want):
-                g = np.asarray(g)
-                if g.shape != e.shape:
-                    raise ParityError(f"output {name!r}: onnxruntime ({level}) shape {g.shape} != JAX {e.shape} "
+                if np.shape(g) != e.shape:
+                    raise ParityError(f"output {name!r}: onnxruntime ({level}) shape {np.shape(g)} != JAX {e.shape} "
                                       f"on inputs {shapes}")
-                diff = float(np.max(np.abs(g.astype(np.float64) - e))) if e.size else 0.0
-                exact = g.dtype == np.bool_ or np.issubdtype(g.dtype, np.integer)
-                results.append(Comparison(level, shapes, name, diff, 0.0 if exact else tol.bound(e)))
+                results.append(measure(level, shapes, name, g, e, tol))
     failed = [c for c in results if not c.ok]
     if failed:
         raise ParityError("onnxruntime does not match JAX: " + "; ".join(
-            f"{c.output} at {c.level} on {c.shapes}: max |diff| {c.max_abs_diff:.3g} > {c.bound:.3g}" for c in failed))
+            f"{c.output} at {c.level} on {c.shapes}: {c.describe()}" for c in failed))
     return results
 
 

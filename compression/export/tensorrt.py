@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from compression.export.parity import Comparison, ParityError, Tolerance, ort_session
+from compression.export.parity import Comparison, ParityError, Tolerance, measure, ort_session
 from compression.export.program import ExportError
 
 Shape = tuple[int, ...]
@@ -197,13 +197,12 @@ def compare_with_onnxruntime(onnx_path: str, engine_path: str, input_sets: Seque
         got = run_engine(engine_path, feeds)
         shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
         for name in names:
-            e, g = np.asarray(expected[name], np.float64), np.asarray(got[name], np.float64)
-            if g.shape != e.shape:
-                raise ParityError(f"output {name!r}: TensorRT shape {g.shape} != onnxruntime {e.shape} on {shapes}")
-            diff = float(np.max(np.abs(g - e))) if e.size else 0.0
-            results.append(Comparison("TensorRT", shapes, name, diff, tolerance.bound(e)))
+            if np.shape(got[name]) != np.shape(expected[name]):
+                raise ParityError(f"output {name!r}: TensorRT shape {np.shape(got[name])} != onnxruntime "
+                                  f"{np.shape(expected[name])} on {shapes}")
+            results.append(measure("TensorRT", shapes, name, got[name], expected[name], tolerance))
     failed = [c for c in results if not c.ok]
     if failed:
         raise ParityError("TensorRT does not match onnxruntime: " + "; ".join(
-            f"{c.output} on {c.shapes}: max |diff| {c.max_abs_diff:.3g} > {c.bound:.3g}" for c in failed))
+            f"{c.output} on {c.shapes}: {c.describe()}" for c in failed))
     return results

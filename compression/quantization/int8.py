@@ -16,7 +16,8 @@ wrapped apply then runs those Dense layers as::
     acc = lax.dot_general(x_q, w_q, preferred_element_type=int32)
     y   = acc * (s_x * s_w[channel]) + bias                     float, one dequantization
 
-which computes the same products as the fake-quantized model up to float32 rounding of the accumulation.
+which computes the same numbers as the fake-quantized model, bit for bit: its Dense layers multiply the same integer
+grid values in float32 (:func:`~compression.quantization.qat.grid_dot`; exact below 2^24) and rescale the same way.
 Other selected modules (Conv, Einsum, DenseGeneral, Embed, weight-only or asymmetric rules) keep float
 kernels and run fake-quantized.
 
@@ -43,7 +44,7 @@ from compression.quantization.qarray import (
     reduce_amax,
     symmetric_scale,
 )
-from compression.quantization.qat import fake_quant_hook
+from compression.quantization.qat import fake_quant_call, integer_dense
 from compression.quantization.rules import (
     DEFAULT_RULES,
     QUANT,
@@ -63,9 +64,9 @@ KERNEL_SCALE = "kernel_scale"
 
 
 def runs_in_int8(target: Target) -> bool:
-    """Whether a target's module executes as an int8 matmul after conversion."""
-    return (target.kind == "Dense" and target.quantize_weight and target.quantize_input
-            and target.rule.symmetric and target.method == "__call__")
+    """Whether a target's module executes as an int8 matmul after conversion (see
+    :func:`~compression.quantization.qat.integer_dense`)."""
+    return integer_dense(target)
 
 
 def convert_to_int8(apply_fn: Callable, variables: Mapping, *args, rules: Sequence[QuantRule] = DEFAULT_RULES,
@@ -190,6 +191,6 @@ def int8(rules: Sequence[QuantRule] = DEFAULT_RULES) -> Transform:
     def on_target(target, module, next_fun, args, kwargs):
         if runs_in_int8(target) and module.has_variable(QUANT, KERNEL_SCALE):
             return _int8_dense(target, module, next_fun, args, kwargs)
-        return hooked_call(module, next_fun, args, kwargs, fake_quant_hook(target, module, "fixed"))
+        return fake_quant_call(target, module, next_fun, args, kwargs, "fixed")
 
     return Transform("int8", init, intercepting("int8", quant_interceptor(rules, on_target)).wrap)

@@ -12,6 +12,14 @@ through the scale) and its input activation fake-quantized per-tensor with the s
 collection. Gradients are straight-through (:func:`compression.quantization.fake_quant.fake_quantize`), so the
 wrapped model trains with any loss (task, distillation).
 
+A Dense layer whose weight and (symmetric) input are both quantized -- the layers the int8 path runs as int8
+matmuls (:func:`integer_dense`) -- computes its product the way the int8 kernel does: the integer grid values of
+both operands multiplied in float32 (exact while the sums stay below 2^24, i.e. always for contractions up to
+1040 terms and in practice far beyond), then one rescale by ``s_x * s_w``. The simulated and the real int8
+model then agree to the bit instead of up to float32 rounding (which, in a deep model, occasionally moves an
+activation across a rounding boundary of the next quantizer). The backward pass is that of the plain product
+of the dequantized operands.
+
 Activation scales during training (``scales=``):
 
 * ``"fixed"``: the calibrated scales, no gradient (the usual QAT after calibration).
@@ -41,6 +49,7 @@ respect to the scales, which the trainer (it differentiates ``params`` only) doe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -78,15 +87,53 @@ from compression.transform import Transform
 
 SCALE_MODES = ("fixed", "ema", "learned")
 
-__all__ = ["SCALE_MODES", "fake_quant", "fake_quant_hook", "fake_quant_operands", "project_scales", "qat_loss",
-           "quantize_weight"]
+__all__ = ["SCALE_MODES", "fake_quant", "fake_quant_call", "fake_quant_hook", "fake_quant_operands", "grid_dot",
+           "integer_dense", "project_scales", "qat_loss", "quantize_weight", "weight_scale"]
+
+
+def weight_scale(w: jax.Array, target: Target) -> jax.Array:
+    """The symmetric weight scale: max |w| / qmax per channel on ``target.weight_axes`` (no gradient), float32."""
+    axes = normalize_axes(target.weight_axes, w.ndim)
+    return jax.lax.stop_gradient(symmetric_scale(reduce_amax(w.astype(jnp.float32), axes), target.rule.bits))
 
 
 def quantize_weight(w: jax.Array, target: Target) -> jax.Array:
     """Symmetric fake quantization of a weight, per channel on ``target.weight_axes`` (max scale, no gradient)."""
     axes = normalize_axes(target.weight_axes, w.ndim)
-    scale = jax.lax.stop_gradient(symmetric_scale(reduce_amax(w, axes), target.rule.bits))
-    return fake_quantize(w, scale, bits=target.rule.bits, symmetric=True, axis=axes)
+    return fake_quantize(w, weight_scale(w, target), bits=target.rule.bits, symmetric=True, axis=axes)
+
+
+def integer_dense(target: Target) -> bool:
+    """Whether ``target`` is a Dense call whose weight and symmetric input are both quantized: the layers the
+    int8 path converts, and whose fake-quantized product is computed on the integer grid."""
+    return (target.kind == "Dense" and target.quantize_weight and target.quantize_input
+            and target.rule.symmetric and target.method == "__call__")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def grid_dot(lhs, rhs, s_x, s_w, dimension_numbers):
+    """``dot_general(lhs, rhs)`` of operands on quantization grids (``lhs = q_x * s_x``, ``rhs = q_w * s_w``, ``s_w``
+    per output channel [N] or a scalar): ``(q_x . q_w) * (s_x * s_w)`` with the integer products summed in float32,
+    as an int8 x int8 -> int32 kernel computes them. Gradients: those of the plain product (none to the scales).
+    """
+    return _grid_dot_fwd(lhs, rhs, s_x, s_w, dimension_numbers)[0]
+
+
+def _grid_dot_fwd(lhs, rhs, s_x, s_w, dimension_numbers):
+    q_x = jnp.round(lhs.astype(jnp.float32) / s_x)  # exact recovery of the grid values (|q| <= 127)
+    q_w = jnp.round(rhs.astype(jnp.float32) / s_w)
+    acc = jax.lax.dot_general(q_x, q_w, dimension_numbers, preferred_element_type=jnp.float32)
+    return (acc * (s_x * s_w)).astype(lhs.dtype), (lhs, rhs, s_x, s_w)
+
+
+def _grid_dot_bwd(dimension_numbers, res, g):
+    lhs, rhs, s_x, s_w = res
+    _, vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers), lhs, rhs)
+    d_lhs, d_rhs = vjp(g.astype(jnp.result_type(lhs, rhs)))
+    return d_lhs, d_rhs, jnp.zeros_like(s_x), jnp.zeros_like(s_w)
+
+
+grid_dot.defvjp(_grid_dot_fwd, _grid_dot_bwd)
 
 
 @dataclasses.dataclass
@@ -116,9 +163,13 @@ def _ema_update(module: nn.Module, target: Target, x, scale, zero_point, decay: 
 
 
 def fake_quant_operands(target: Target, module: nn.Module, ops: list, scales: str = "fixed",
-                        ema_decay: float = 0.99, state: _CallState | None = None) -> list:
-    """Fake-quantizes the activation and the weight among a module's promoted operands (see module doc)."""
+                        ema_decay: float = 0.99, state: _CallState | None = None, used: dict | None = None) -> list:
+    """Fake-quantizes the activation and the weight among a module's promoted operands (see module doc).
+
+    ``used``, if given, receives the scales applied: ``"input"`` (float32 [], floored) and ``"weight"``.
+    """
     rule = target.rule
+    used = {} if used is None else used
     if target.quantize_input:
         x = ops[target.input_index]
         if x is not None and jnp.issubdtype(x.dtype, jnp.floating):
@@ -131,15 +182,18 @@ def fake_quant_operands(target: Target, module: nn.Module, ops: list, scales: st
             if zero_point is not None:
                 zero_point = jax.lax.stop_gradient(zero_point)
             ops[target.input_index] = fake_quantize(x, scale, zero_point, bits=rule.bits, symmetric=rule.symmetric)
+            used["input"] = jnp.maximum(jnp.asarray(scale, jnp.float32), MIN_SCALE)
     if target.quantize_weight:
         w = ops[target.weight_index]
         if jnp.issubdtype(w.dtype, jnp.floating):
-            ops[target.weight_index] = quantize_weight(w, target)
+            used["weight"] = weight_scale(w, target)
+            axes = normalize_axes(target.weight_axes, w.ndim)
+            ops[target.weight_index] = fake_quantize(w, used["weight"], bits=rule.bits, symmetric=True, axis=axes)
     return ops
 
 
 def fake_quant_hook(target: Target, module: nn.Module, scales: str = "fixed", ema_decay: float = 0.99,
-                    state: _CallState | None = None):
+                    state: _CallState | None = None, used: dict | None = None):
     """The ``promote_dtype`` hook of one fake-quantized module call (see :func:`fake_quant_operands`).
 
     Raises if the weight is already an integer array: variables converted by ``convert_to_int8`` run under
@@ -152,9 +206,27 @@ def fake_quant_hook(target: Target, module: nn.Module, scales: str = "fixed", em
             raise ValueError(f"module {target.name}: its weight is {jnp.result_type(w)} (converted to int8); run "
                              "converted variables with quantization.int8().wrap, not fake_quant")
         ops = list(promote(*args, dtype=dtype, inexact=inexact))
-        return fake_quant_operands(target, module, ops, scales, ema_decay, state)
+        return fake_quant_operands(target, module, ops, scales, ema_decay, state, used)
 
     return hook
+
+
+def fake_quant_call(target: Target, module: nn.Module, next_fun, args, kwargs, scales: str = "fixed",
+                    ema_decay: float = 0.99, state: _CallState | None = None):
+    """Runs one intercepted module call fake-quantized; an :func:`integer_dense` layer multiplies on the
+    integer grid (:func:`grid_dot`) with the scales its operands were quantized with."""
+    used: dict = {}
+    hook = fake_quant_hook(target, module, scales, ema_decay, state, used)
+    if not (integer_dense(target) and module.dot_general_cls is None):
+        return hooked_call(module, next_fun, args, kwargs, hook)
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        del precision, preferred_element_type
+        if "input" not in used or "weight" not in used:  # e.g. an integer input: nothing was quantized
+            return jax.lax.dot_general(lhs, rhs, dimension_numbers)
+        return grid_dot(lhs, rhs, used["input"], used["weight"], dimension_numbers)
+
+    return hooked_call(module, next_fun, args, kwargs, hook, dot_general=dot_general)
 
 
 def fake_quant(rules: Sequence[QuantRule] = DEFAULT_RULES, *, scales: str = "fixed",
@@ -183,7 +255,7 @@ def fake_quant(rules: Sequence[QuantRule] = DEFAULT_RULES, *, scales: str = "fix
             state = _CallState()
 
             def on_target(target, module, next_fun, a, kw):
-                return hooked_call(module, next_fun, a, kw, fake_quant_hook(target, module, scales, ema_decay, state))
+                return fake_quant_call(target, module, next_fun, a, kw, scales, ema_decay, state)
 
             with nn.intercept_methods(quant_interceptor(rules, on_target)):
                 return apply_fn(variables, *args, **kwargs)

@@ -50,7 +50,9 @@ def test_export_model_dir_writes_all_precisions(tmp_path):
     assert report["files"]["model_int8.onnx"]["op_counts"]["QuantizeLinear"] == 8
     script = (out / "tensorrt.sh").read_text()
     assert "trtexec --onnx=model_int8.onnx --saveEngine=model_int8.plan --stronglyTyped" in script
-    assert "--maxShapes=input_ids:64x512,attention_mask:64x512,token_type_ids:64x512" in script
+    # the sequence range stops at the position table (32)
+    assert "--optShapes=input_ids:32x32,attention_mask:32x32,token_type_ids:32x32" in script
+    assert "--maxShapes=input_ids:64x32,attention_mask:64x32,token_type_ids:64x32" in script
     # the fp32 file against JAX at sizes the export never saw
     want = Transformer(CFG).apply({"params": params}, **sig.inputs)
     got = _ort(out / "model_fp32.onnx", sig.inputs)

@@ -4,7 +4,7 @@ tiny Transformer) built and compared with onnxruntime only where an NVIDIA GPU a
 import numpy as np
 import pytest
 
-from compression.export import ExportError, Tolerance, export, tensorrt
+from compression.export import INT8_VS_FAKE_QUANT, ExportError, Tolerance, export, tensorrt
 from tests.compression.export.conftest import CONSTRAINTS, batch, make_model
 
 INPUTS = {"input_ids": ("int32", ["batch", "sequence"]), "char_ids": ("int32", ["batch", "sequence", 6])}
@@ -49,7 +49,7 @@ def test_engines_match_onnxruntime(tmp_path):
     qvars = q.calibrate(model.apply, variables, calib, q.DEFAULT_RULES)
     scales = q.dense_quant_scales(model.apply, qvars, calib[0])
     feeds = [batch(3, 7, seed=1), batch(1, 16, seed=2)]
-    tolerances = {"fp32": Tolerance(1e-4, 1e-4), "fp16": Tolerance(1e-2, 1e-2), "int8": Tolerance(5e-2, 5e-2)}
+    tolerances = {"fp32": Tolerance(1e-4, 1e-4), "fp16": Tolerance(1e-2, 1e-2), "int8": INT8_VS_FAKE_QUANT}
     for precision, tol in tolerances.items():
         path = str(tmp_path / f"model_{precision}.onnx")
         kw = {"quant": scales, "reference_fn": q.fake_quant().wrap(model.apply)} if precision == "int8" else {}

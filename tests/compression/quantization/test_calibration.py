@@ -85,6 +85,28 @@ def test_asymmetric_rule(toy):
         q.QuantRule("second", symmetric=False, calibrator="entropy")
 
 
+class Shared(nn.Module):
+    """One Dense applied to two inputs (weight sharing, like a pair model's encoder): x, y [B, 5] -> [B, 2, 3]."""
+
+    @nn.compact
+    def __call__(self, x, y):
+        dense = nn.Dense(3, name="shared")
+        return jnp.stack([dense(x), dense(y)], 1)
+
+
+def test_module_called_twice_calibrates_over_both_inputs():
+    model = Shared()
+    rng = np.random.default_rng(1)
+    x, y = (jnp.asarray(rng.standard_normal((4, 5)) * s, jnp.float32) for s in (1.0, 3.0))
+    variables = jax.jit(model.init)(jax.random.key(0), x, y)
+    stats = q.collect_statistics(model.apply, variables, [(x, y)], histogram=True, num_bins=64)
+    entry = stats.by_module("shared")
+    both = np.abs(np.concatenate([np.asarray(x), np.asarray(y)]))
+    assert entry.amax == pytest.approx(both.max()) and entry.hist.sum() == both.size  # both calls counted
+    ref, _ = np.histogram(both, bins=64, range=(0, both.max()))
+    assert np.abs(entry.hist - ref).sum() <= 2
+
+
 def test_zero_batches(toy):
     model, variables, _ = toy
     with pytest.raises(ValueError, match="zero calibration batches"):

@@ -7,6 +7,7 @@ import pytest
 
 from compression.quantization.fake_quant import fake_quantize
 from compression.quantization.qarray import QArray
+from compression.quantization.qat import grid_dot
 
 
 def test_forward_matches_qarray_round_trip():
@@ -89,3 +90,20 @@ def test_bad_per_channel_shape_and_dtype():
         fake_quantize(jnp.ones((2, 3)), jnp.ones(2), axis=1)
     with pytest.raises(ValueError, match="float"):
         fake_quantize(jnp.ones((2,), jnp.int32), 0.1)
+
+
+def test_grid_dot_is_the_integer_product_with_plain_gradients():
+    """Dense layers of the fake-quantized model multiply on the integer grid, as the int8 kernel does."""
+    rng = np.random.default_rng(0)
+    qx, qw = rng.integers(-127, 128, (6, 40)), rng.integers(-127, 128, (40, 5))
+    s_x, s_w = np.float32(0.013), rng.uniform(0.001, 0.01, 5).astype(np.float32)
+    lhs, rhs = jnp.asarray(qx * s_x, jnp.float32), jnp.asarray(qw * s_w, jnp.float32)
+    dn = (((1,), (0,)), ((), ()))
+    y = jax.jit(grid_dot, static_argnums=4)(lhs, rhs, s_x, s_w, dn)
+    acc = (qx @ qw).astype(np.float32)  # int64 in numpy: the exact integer sums
+    np.testing.assert_array_equal(y, acc * (s_x * s_w))
+    weights = jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)
+    g = jax.grad(lambda a, b: jnp.sum(grid_dot(a, b, s_x, s_w, dn) * weights), argnums=(0, 1))(lhs, rhs)
+    want = jax.grad(lambda a, b: jnp.sum((a @ b) * weights), argnums=(0, 1))(lhs, rhs)
+    for got, ref in zip(g, want):
+        np.testing.assert_allclose(got, ref, rtol=1e-6)

@@ -1,4 +1,4 @@
-"""The same quantization code on the LSTM families: BiLSTM (pair, attention pooling) and CNN-LSTM (Conv)."""
+"""The same quantization code on the LSTM families: BiLSTM (attention pooling) and CNN-LSTM (Conv)."""
 
 import jax
 import jax.numpy as jnp
@@ -25,18 +25,15 @@ def _check_pipeline(model, variables, calls, method):
     ref, fake, int8 = run(variables, calibrated, v8, first.args, first.kwargs)
     np.testing.assert_allclose(fake, ref, atol=0.05 * float(jnp.abs(ref).max()) + 1e-4)
     assert not np.allclose(fake, ref, rtol=0, atol=1e-7)  # quantization did act
-    np.testing.assert_allclose(int8, fake, atol=1e-5 * float(jnp.abs(fake).max()) + 1e-7)
-    np.testing.assert_array_equal(jnp.argmax(int8, -1), jnp.argmax(fake, -1))
+    np.testing.assert_array_equal(int8, fake)  # the int8 kernels compute what the simulation computes
     return calibrated, v8
 
 
-def test_bilstm_pair_classifier():
-    cfg = BiLSTMConfig(vocab_size=40, embed_dim=8, hidden_size=6, mlp_hidden=5, pair=True, pooling="attention",
-                       dropout_rate=0.0)
+def test_bilstm_classifier():
+    cfg = BiLSTMConfig(vocab_size=40, embed_dim=8, hidden_size=6, mlp_hidden=5, pooling="attention", dropout_rate=0.0)
     model = BiLSTMClassifier(cfg)
     rng = np.random.default_rng(0)
-    calls = [q.Call((jnp.asarray(rng.integers(1, 40, (4, 7))),),
-                                {"word_ids_b": jnp.asarray(rng.integers(1, 40, (4, 5)))}) for _ in range(2)]
+    calls = [q.Call((jnp.asarray(rng.integers(1, 40, (4, 7))),)) for _ in range(2)]
     variables = jax.jit(model.init)(jax.random.key(0), *calls[0].args, **calls[0].kwargs)
     calibrated, v8 = _check_pipeline(model, variables, calls, "max")
     layer = calibrated["quant"]["encoder"]["layer_0"]

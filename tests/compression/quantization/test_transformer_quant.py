@@ -144,8 +144,7 @@ def test_int8_matches_fake_quant(setup):
     for seed in range(5, 9):
         ids = _ids(seed, batch=8)
         l8, lf = apply8(v8, ids).logits, fake(calibrated, ids).logits
-        np.testing.assert_array_equal(jnp.argmax(l8, -1), jnp.argmax(lf, -1))
-        np.testing.assert_allclose(l8, lf, atol=1e-5 * float(jnp.abs(lf).max()) + 1e-7)
+        np.testing.assert_array_equal(l8, lf)  # integer products on both sides: the same numbers
     # the weights the export path reads are the fake-quantized ones
     qa = q.int8_weights(v8)["encoder/layer_0/intermediate"]
     w = calibrated["params"]["encoder"]["layer_0"]["intermediate"]["kernel"]

@@ -105,6 +105,11 @@ FINETUNE_SCHEMA: Schema = {
         "growth_interval": Field(int, **POSITIVE),
         "minimum_scale": Field(float, min=1e-30),
     },
+    "qat": {
+        "enabled": Field(bool),
+        "calibrator": Field(str),
+        "calibration_batches": Field(int, **POSITIVE),
+    },
     "model": {
         "hidden_size": Field(int, **POSITIVE),
         "num_layers": Field(int, **POSITIVE),

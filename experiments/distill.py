@@ -39,7 +39,7 @@ FAMILIES = ("transformer", "bilstm")
 INITS = ("every_other", "first", "random")
 
 DISTILL_SCHEMA = {
-    **{k: v for k, v in config_validation.FINETUNE_SCHEMA.items() if k not in ("model", "model_dir")},
+    **{k: v for k, v in config_validation.FINETUNE_SCHEMA.items() if k not in ("model", "model_dir", "qat")},
     "job": Field(str, choices=("distill",)),
     "teacher_dir": Field(str),
     "student": {

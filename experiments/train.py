@@ -9,6 +9,16 @@ continues the same trajectory. It writes into ``workdir``::
     tensorboard/     TensorBoard event files
     results.json     {"final": {...}, "best": {...}, "steps": N, "wall_time_s": T, ...}
     model/           the trained model as a self-describing directory (models.save), with its tokenizer
+                     (and ``quant_state.npz``, the calibrated int8 scales, after quantization-aware training)
+
+``model_dir`` is either a Hugging Face BERT checkpoint (a new task head is initialised) or a model directory
+written by this job (``models.save``; its head is kept, so the task must have the same labels): the second
+continues training a fine-tuned model, which is how quantization-aware training (``config.qat``) runs.
+
+Quantization-aware training (``config.qat.enabled``): the activation scales are calibrated once on training
+batches (post-training calibration, ``config.qat.calibrator``) and then held fixed while the weights train
+through straight-through fake quantization (``compression.quantization.fake_quant``, per-channel weight scales
+recomputed every step); dev metrics during and after training are those of the fake-quantized model.
 
 Config fields are documented in ``experiments/configs/finetune.py`` and checked against
 :data:`experiments.config_validation.FINETUNE_SCHEMA` before anything else happens.
@@ -28,8 +38,9 @@ from jax.experimental import multihost_utils
 
 import models
 from compression import loss_scale, precision
+from compression import quantization as quant
 from models import hf
-from experiments import config_validation, loop, observe, trainer
+from experiments import config_validation, evaluation, loop, observe, trainer
 from experiments.loop import NonFiniteLossError  # noqa: F401  (raised by the loop; part of this module's API)
 from experiments.data import TaskData, load_task
 from experiments.parallel import DataParallel
@@ -37,6 +48,7 @@ from models.transformer import Transformer, TransformerConfig
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "example_weight")
 WORD_LEVEL_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+QUANT_STATE_FILE = "quant_state.npz"  # the calibrated "quant" collection saved beside a QAT model's params
 
 
 # -- inputs and model ------------------------------------------------------------------------------------
@@ -65,6 +77,17 @@ def _word_level_tokenizer(task_name: str, config, out_dir: str):
     return tok
 
 
+def _is_saved_model(path: str | None) -> bool:
+    """Whether ``path`` is a model directory written by ``models.save`` (not a Hugging Face checkpoint)."""
+    if not path or not os.path.isfile(os.path.join(path, models.io.CONFIG_FILE)):
+        return False
+    try:
+        models.read_meta(path)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
 def _load_inputs(config, workdir: str) -> tuple[TaskData, str, int | None]:
     """(task encoded for the Transformer, directory holding its tokenizer files, vocabulary size of a
     from-scratch word-level tokenizer or ``None`` with a pretrained ``model_dir``)."""
@@ -85,6 +108,8 @@ def _load_inputs(config, workdir: str) -> tuple[TaskData, str, int | None]:
 def _build_model(config, task: TaskData, vocab_size: int | None, key) -> tuple[TransformerConfig, Any]:
     """Pretrained body from ``config.model_dir`` with a fresh head, or a from-scratch ``config.model``."""
     head = "token" if task.kind == "token" else "sequence"
+    if _is_saved_model(config.model_dir):
+        return _saved_model(config, task, head)
     if config.model_dir:
         model_cfg, params = hf.load_bert(config.model_dir, head=head, num_labels=task.num_labels,
                                                 init_key=key)
@@ -101,6 +126,48 @@ def _build_model(config, task: TaskData, vocab_size: int | None, key) -> tuple[T
     ids = np.zeros((1, 8), np.int32)
     params = jax.jit(Transformer(model_cfg).init)(key, ids)["params"]  # jit: one compile, not one per op
     return model_cfg, params
+
+
+def _saved_model(config, task: TaskData, head: str) -> tuple[TransformerConfig, Any]:
+    """The config and params (head included) of a saved Transformer, checked against the task."""
+    meta = models.read_meta(config.model_dir)
+    if meta["family"] != "transformer":
+        raise ValueError(f"config.model_dir {config.model_dir} holds a {meta['family']!r} model; this job "
+                         "trains Transformers")
+    _, model_cfg, params = models.load(config.model_dir)
+    saved_labels = meta.get("extra", {}).get("label_names")
+    if model_cfg.head != head or model_cfg.num_labels != task.num_labels or (
+            saved_labels is not None and list(saved_labels) != list(task.label_names)):
+        raise ValueError(f"config.model_dir {config.model_dir} has a {model_cfg.head} head over labels "
+                         f"{saved_labels or model_cfg.num_labels}; task {task.name!r} needs a {head} head over "
+                         f"{list(task.label_names)}")
+    if model_cfg.max_position_embeddings < config.max_length:
+        raise ValueError(f"max_length={config.max_length} exceeds the model's position table "
+                         f"({model_cfg.max_position_embeddings})")
+    return model_cfg, params
+
+
+def _quantization_aware(config, task: TaskData, model: Transformer, params) -> tuple[Any, dict | None]:
+    """(apply function, calibrated ``quant`` collection): fake-quantized with fixed calibrated activation
+    scales when ``config.qat.enabled``, else ``model.apply`` and ``None``."""
+    if not config.qat.enabled:
+        return model.apply, None
+    from experiments import export  # calibration batches and the quant-state file format live there
+
+    calib = export.calibration_batches(task.train, config.qat.calibration_batches, config.batch_size,
+                                       seed=config.seed)
+    if len(calib) < config.qat.calibration_batches:
+        raise ValueError(f"config.qat.calibration_batches={config.qat.calibration_batches} but the train split "
+                         f"has only {len(calib)} batches of {config.batch_size}")
+    logging.info("QAT: calibrating activation scales (%s) on %d train batches", config.qat.calibrator, len(calib))
+    quant_state = quant.post_training_quantize(model.apply, params, calib, config.qat.calibrator,
+                                               inputs=evaluation.TRANSFORMER_INPUTS)[quant.QUANT]
+    fake_quant_apply = quant.fake_quant(scales="fixed").wrap(model.apply)
+
+    def apply_fn(variables, *args, **kwargs):
+        return fake_quant_apply({**variables, quant.QUANT: quant_state}, *args, **kwargs)
+
+    return apply_fn, quant_state
 
 
 def _check_sizes(config, par: DataParallel) -> None:
@@ -138,7 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     model_cfg, params = _build_model(config, task, vocab_size, init_key)
     model = Transformer(model_cfg)
-    apply_fn = policy.wrap(model.apply)
+    base_apply, quant_state = _quantization_aware(config, task, model, params)
+    apply_fn = policy.wrap(base_apply)
     steps_per_epoch = task.train.num_batches(config.batch_size, drop_remainder=True)
     if steps_per_epoch == 0:
         raise ValueError(f"{task.train!r} has fewer examples than one batch of {config.batch_size}")
@@ -186,8 +254,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         models.save(os.path.join(workdir, "model"), "transformer", model_cfg, params, tokenizer_dir=tokenizer_dir,
                     extra={"task": task.name, "kind": task.kind, "label_names": list(task.label_names),
                            "max_length": config.max_length, "step": exported_step, "eval": best
-                           if exported_step == best.get("step") else final},
+                           if exported_step == best.get("step") else final,
+                           **({"qat": {"calibrator": config.qat.calibrator, "quant_state": QUANT_STATE_FILE}}
+                              if quant_state is not None else {})},
                     overwrite=True)
+        if quant_state is not None:
+            from experiments import export
+            export.save_quant_state(os.path.join(workdir, "model", QUANT_STATE_FILE), quant_state)
         logging.info("done: %d steps in %.1f s; final %s; best %s; results in %s", step, wall, final, best,
                      results_path)
     if jax.process_count() > 1:

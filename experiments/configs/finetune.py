@@ -71,7 +71,8 @@ def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = task  # task name understood by experiments.data.load_task
     c.data_dir = _optional_str(default_data_dir(task))  # the task's data folder; None for generated tasks
-    # HF BERT checkpoint directory to fine-tune; None: train from scratch with c.model
+    # HF BERT checkpoint to fine-tune (new head), or a model directory saved by this job (continue training it,
+    # head kept: e.g. QAT of a fine-tuned model); None: train from scratch with c.model
     c.model_dir = _optional_str(None if task == "synthetic" else minilm_dir())
     c.max_length = 64  # longest input in sub-tokens, [CLS]/[SEP] included; longer inputs are truncated
     c.synthetic_size = 2000  # training examples of a generated task (dev gets a quarter); ignored otherwise
@@ -86,6 +87,11 @@ def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
     c.loss_scale.init_scale = 32768.0  # the first scale (2**15)
     c.loss_scale.growth_interval = 2000  # finite steps in a row before the scale doubles
     c.loss_scale.minimum_scale = 1.0  # the scale never drops below this; a skipped step there stops the run
+
+    c.qat = ml_collections.ConfigDict()  # quantization-aware training (int8 fake quantization, fixed scales)
+    c.qat.enabled = False  # on: calibrate activation scales once, then train through fake quantization
+    c.qat.calibrator = "max"  # activation calibrator: "max" | "percentile:P" | "mse" | "entropy"
+    c.qat.calibration_batches = 8  # training batches (of batch_size) used for calibration
 
     c.model = ml_collections.ConfigDict()  # architecture when training from scratch (model_dir None)
     c.model.hidden_size = 64  # width H

@@ -1,0 +1,76 @@
+"""Quantization-aware training through the fine-tuning job: continue a saved model under fake quantization."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import models
+from models.io import tree_equal
+from compression import quantization as q
+from experiments import evaluation, export
+from experiments.data import load_task
+from experiments.train import QUANT_STATE_FILE, train_and_evaluate
+from tests.experiments.tiny import TINY, tiny_config
+
+CALIB_BATCHES = 2
+
+
+def _qat_run(tiny_teacher_dir, workdir, **overrides):
+    config = tiny_config(model_dir=tiny_teacher_dir, qat__enabled=True, qat__calibrator="max",
+                         qat__calibration_batches=CALIB_BATCHES, num_train_steps=4, eval_every_steps=4,
+                         checkpoint__every_steps=4, **overrides)
+    results = train_and_evaluate(config, str(workdir))
+    return results, os.path.join(workdir, "model")
+
+
+def _task(model_dir):
+    return load_task("synthetic", None, tokenizer=model_dir, max_length=TINY["max_length"], seed=0,
+                     synthetic_size=TINY["synthetic_size"])
+
+
+def _fake_quant_metrics(model_dir, task):
+    model, _, params = models.load(model_dir)
+    quant = export.load_quant_state(os.path.join(model_dir, QUANT_STATE_FILE))
+    return evaluation.dev_metrics(q.fake_quant().wrap(model.apply), {"params": params, q.QUANT: quant}, task,
+                                  evaluation.TRANSFORMER_INPUTS)
+
+
+def test_zero_learning_rate_qat_is_post_training_quantization(tiny_teacher_dir, tmp_path):
+    """With lr 0 the weights stay the teacher's (head kept, not re-initialised), the saved scales are the PTQ
+    scales of the teacher on the same calibration batches, and the dev metrics are the PTQ model's."""
+    results, model_dir = _qat_run(tiny_teacher_dir, tmp_path, optimizer__learning_rate=0.0)
+    _, _, teacher = models.load(tiny_teacher_dir)
+    _, _, trained = models.load(model_dir)
+    assert tree_equal(teacher, trained)
+
+    task = _task(tiny_teacher_dir)
+    model, _, _ = models.load(tiny_teacher_dir)
+    calib = export.calibration_batches(task.train, CALIB_BATCHES, TINY["batch_size"], seed=0)
+    ptq = q.post_training_quantize(model.apply, teacher, calib, "max", inputs=evaluation.TRANSFORMER_INPUTS)
+    saved = export.load_quant_state(os.path.join(model_dir, QUANT_STATE_FILE))
+    assert jax.tree.structure(saved) == jax.tree.structure(ptq[q.QUANT])
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(ptq[q.QUANT])):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+        assert np.all(np.isfinite(a)) and np.all(np.asarray(a) > 0)
+
+    ptq_metrics = evaluation.dev_metrics(q.fake_quant().wrap(model.apply), ptq, task, evaluation.TRANSFORMER_INPUTS)
+    assert results["final"]["accuracy"] == pytest.approx(ptq_metrics["accuracy"])
+    meta = json.load(open(os.path.join(model_dir, "config.json")))
+    assert meta["extra"]["qat"] == {"calibrator": "max", "quant_state": QUANT_STATE_FILE}
+
+
+def test_qat_trains_the_weights_and_reports_fake_quantized_metrics(tiny_teacher_dir, tmp_path):
+    results, model_dir = _qat_run(tiny_teacher_dir, tmp_path, optimizer__learning_rate=1e-3)
+    _, _, teacher = models.load(tiny_teacher_dir)
+    _, _, trained = models.load(model_dir)
+    assert not tree_equal(teacher, trained)  # straight-through gradients reached the weights
+    assert results["final"]["accuracy"] == pytest.approx(_fake_quant_metrics(model_dir, _task(model_dir))["accuracy"])
+
+
+def test_saved_model_with_another_head_is_refused(tiny_teacher_dir, tmp_path):
+    config = tiny_config(task="synthetic_ner", model_dir=tiny_teacher_dir, checkpoint__best_metric="span_f1")
+    with pytest.raises(ValueError, match="needs a token head"):
+        train_and_evaluate(config, str(tmp_path))

@@ -1,0 +1,91 @@
+"""The module-replacement job (BERT-of-Theseus) on the tiny synthetic teacher."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+import models
+from experiments import evaluation, theseus
+from experiments.configs import theseus as theseus_configs
+from experiments.data import load_task
+from tests.experiments.tiny import TINY
+
+STEPS = 6
+
+
+def _config(teacher_dir, arg="synthetic,linear", **theseus_fields):
+    c = theseus_configs.get_config(arg)
+    for key in ("max_length", "synthetic_size", "batch_size", "eval_batch_size", "log_every_steps",
+                "progress_bar"):
+        c[key] = TINY[key]
+    c.teacher_dir = teacher_dir
+    c.num_train_steps = STEPS
+    c.eval_every_steps = STEPS
+    c.checkpoint.every_steps = STEPS
+    c.export = "last"
+    c.theseus.successor_layers = 1
+    for k, v in theseus_fields.items():
+        c.theseus[k] = v
+    return c
+
+
+@pytest.mark.parametrize("kind,expected", [
+    # constant: p = 0.5 while t < 0.5 * 10, then 1
+    ("constant", [0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    # linear: p = min(1, 0.3 + t * 0.7 / 5)
+    ("linear", [0.3, 0.44, 0.58, 0.72, 0.86, 1.0, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_replacement_schedule_reaches_one_after_the_configured_fraction(kind, expected):
+    t = ml_collections.ConfigDict({"schedule": kind, "replacing_rate": 0.5 if kind == "constant" else 0.3,
+                                   "replacing_fraction": 0.5})
+    p = theseus.replacement_schedule(t, total_steps=10)
+    np.testing.assert_allclose([float(p(s)) for s in range(10)], expected, rtol=1e-6)
+
+
+def test_init_layers():
+    assert theseus.init_layers(6, 3, "every_other") == (0, 2, 4)
+    assert theseus.init_layers(6, 3, "first") == (0, 1, 2)
+
+
+def test_job_trains_only_the_successor_and_exports_it_alone(tiny_teacher_dir, tmp_path):
+    """MQA successor (1 key/value head) of the 2-layer teacher: the exported model is a plain 1-layer
+    Transformer; embeddings, pooler and classifier are the teacher's untouched (frozen), the successor layer
+    trained; its dev accuracy reproduces the job's final evaluation."""
+    results = theseus.theseus_and_evaluate(_config(tiny_teacher_dir, "synthetic,linear,mqa"), str(tmp_path))
+    model, cfg, params = models.load(tmp_path / "model")
+    _, teacher_cfg, teacher = models.load(tiny_teacher_dir)
+    assert cfg.num_layers == 1 and cfg.num_kv_heads == 1
+    assert params["encoder"]["layer_0"]["attention"]["key"]["kernel"].shape == (
+        teacher_cfg.hidden_size, teacher_cfg.dim_per_head)
+    for name in params:
+        if name != "encoder":
+            for a, b in zip(jax.tree.leaves(params[name]), jax.tree.leaves(teacher[name]), strict=True):
+                np.testing.assert_array_equal(a, b)
+    ffn_now = params["encoder"]["layer_0"]["output"]["kernel"]
+    ffn_init = teacher["encoder"]["layer_0"]["output"]["kernel"]
+    assert ffn_now.shape == ffn_init.shape and not np.array_equal(ffn_now, ffn_init)
+
+    task = load_task("synthetic", None, tokenizer=tiny_teacher_dir, max_length=TINY["max_length"], seed=0,
+                     synthetic_size=TINY["synthetic_size"])
+    metrics = evaluation.dev_metrics(model.apply, {"params": params}, task, evaluation.TRANSFORMER_INPUTS)
+    assert metrics["accuracy"] == pytest.approx(results["final"]["accuracy"])
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["steps"] == STEPS and saved["schedule"] == "linear"
+    log = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    probs = [r["replace_prob"] for r in log if "replace_prob" in r]
+    assert probs and all(0.3 <= p <= 1.0 for p in probs)
+
+
+def test_depth_that_does_not_divide_fails_before_work(tiny_teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match="does not divide into 3 modules"):
+        theseus.theseus_and_evaluate(_config(tiny_teacher_dir, successor_layers=3), str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+        theseus_configs.get_config("sst2,cosine")

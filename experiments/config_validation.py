@@ -105,6 +105,10 @@ FINETUNE_SCHEMA: Schema = {
         "growth_interval": Field(int, **POSITIVE),
         "minimum_scale": Field(float, min=1e-30),
     },
+    "layers": {
+        "init": Field(str, choices=("all", "every_other")),
+        "layerdrop": Field(float, min=0.0, max=0.99),
+    },
     "qat": {
         "enabled": Field(bool),
         "calibrator": Field(str),

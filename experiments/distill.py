@@ -29,6 +29,7 @@ from compression.distillation import augment, losses, presets
 from compression.pruning.compaction import keep_layers
 from experiments import config_validation, evaluation, loop, observe, trainer
 from experiments.config_validation import Field
+from experiments.configs.finetune import FINETUNE_ONLY
 from experiments.data import Split, TaskData, load_task
 from experiments.data.features import encode_sequences
 from experiments.parallel import DataParallel
@@ -39,7 +40,7 @@ FAMILIES = ("transformer", "bilstm")
 INITS = ("every_other", "first", "random")
 
 DISTILL_SCHEMA = {
-    **{k: v for k, v in config_validation.FINETUNE_SCHEMA.items() if k not in ("model", "model_dir", "qat")},
+    **{k: v for k, v in config_validation.FINETUNE_SCHEMA.items() if k not in FINETUNE_ONLY},
     "job": Field(str, choices=("distill",)),
     "teacher_dir": Field(str),
     "student": {

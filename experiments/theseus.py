@@ -34,6 +34,7 @@ import models
 from compression import theseus
 from experiments import config_validation, evaluation, loop, observe, trainer
 from experiments.config_validation import Field
+from experiments.configs.finetune import FINETUNE_ONLY
 from experiments.data import TaskData, load_task
 from experiments.parallel import DataParallel
 from models import theseus as theseus_models
@@ -45,7 +46,7 @@ INITS = ("first", "every_other")
 FROZEN_REGEX = r"^(?!.*(^|/)successor(/|$))"
 
 THESEUS_SCHEMA = {
-    **{k: v for k, v in config_validation.FINETUNE_SCHEMA.items() if k not in ("model", "model_dir", "qat")},
+    **{k: v for k, v in config_validation.FINETUNE_SCHEMA.items() if k not in FINETUNE_ONLY},
     "job": Field(str, choices=("theseus",)),
     "teacher_dir": Field(str),
     "theseus": {

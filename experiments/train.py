@@ -20,6 +20,11 @@ batches (post-training calibration, ``config.qat.calibrator``) and then held fix
 through straight-through fake quantization (``compression.quantization.fake_quant``, per-channel weight scales
 recomputed every step); dev metrics during and after training are those of the fake-quantized model.
 
+Depth (``config.layers``): ``init`` ``"every_other"`` fine-tunes only the pretrained layers 0, 2, 4, ... (a
+half-depth model, the baseline LayerDrop is compared with); ``layerdrop`` > 0 trains with LayerDrop (Fan et al.
+2019: each layer skipped with that probability), after which ``results.json`` also reports the model pruned on
+load to every other layer (``pruned_every_other``: dev metrics of :func:`compression.pruning.keep_layers`).
+
 Config fields are documented in ``experiments/configs/finetune.py`` and checked against
 :data:`experiments.config_validation.FINETUNE_SCHEMA` before anything else happens.
 """
@@ -39,6 +44,7 @@ from jax.experimental import multihost_utils
 import models
 from compression import loss_scale, precision
 from compression import quantization as quant
+from compression.pruning import compaction, layerdrop
 from models import hf
 from experiments import config_validation, evaluation, loop, observe, trainer
 from experiments.loop import NonFiniteLossError  # noqa: F401  (raised by the loop; part of this module's API)
@@ -170,6 +176,26 @@ def _quantization_aware(config, task: TaskData, model: Transformer, params) -> t
     return apply_fn, quant_state
 
 
+def _with_layerdrop(apply_fn, rate: float):
+    """``apply_fn`` with LayerDrop at ``rate`` in training (when a dropout RNG is passed); unchanged if 0."""
+    if rate == 0.0:
+        return apply_fn
+    dropped = layerdrop.layerdrop(rate).wrap(apply_fn)
+
+    def apply(variables, *args, rngs=None, **kwargs):
+        if rngs and "dropout" in rngs:  # training: a layer-drop stream derived from the dropout stream
+            rngs = {**rngs, layerdrop.LAYERDROP_RNG: jax.random.fold_in(rngs["dropout"], 1)}
+        return dropped(variables, *args, rngs=rngs, **kwargs)
+
+    return apply
+
+
+def _pruned_every_other(model_cfg: TransformerConfig, params, task: TaskData) -> dict:
+    """Dev metrics of the model pruned on load to layers 0, 2, 4, ... (LayerDrop's every-other strategy)."""
+    cfg, kept = compaction.keep_layers(model_cfg, params, layerdrop.every_other(model_cfg.num_layers))
+    return evaluation.dev_metrics(Transformer(cfg).apply, {"params": kept}, task, evaluation.TRANSFORMER_INPUTS)
+
+
 def _check_sizes(config, par: DataParallel) -> None:
     for name in ("batch_size", "eval_batch_size"):
         value = config[name]
@@ -204,9 +230,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     model_cfg, params = _build_model(config, task, vocab_size, init_key)
+    if config.layers.init == "every_other":
+        model_cfg, params = compaction.keep_layers(model_cfg, params, layerdrop.every_other(model_cfg.num_layers))
     model = Transformer(model_cfg)
     base_apply, quant_state = _quantization_aware(config, task, model, params)
-    apply_fn = policy.wrap(base_apply)
+    apply_fn = policy.wrap(_with_layerdrop(base_apply, config.layers.layerdrop))
     steps_per_epoch = task.train.num_batches(config.batch_size, drop_remainder=True)
     if steps_per_epoch == 0:
         raise ValueError(f"{task.train!r} has fewer examples than one batch of {config.batch_size}")
@@ -248,6 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     wall = result.wall_time_s
     extra = {"task": task.name, "metric_names": task.metric_names, "exported_step": exported_step,
              "num_devices": par.num_devices, "num_processes": jax.process_count(), "parallelism": par.mode}
+    if config.layers.layerdrop > 0 and model_cfg.num_layers > 1 and quant_state is None:
+        extra["pruned_every_other"] = _pruned_every_other(model_cfg, params, task)
+        logging.info("pruned on load to every other layer: %s", extra["pruned_every_other"])
     results_path = observe.write_results(workdir, final=final, best=best, steps=step, wall_time_s=wall,
                                          extra=extra)
     if observe.is_writer():

@@ -35,7 +35,8 @@ def get_config(arg: str = "synthetic,transformer3") -> ml_collections.ConfigDict
     if student not in STUDENTS:
         raise ValueError(f"unknown student {student!r} for distill.py; allowed: {list(STUDENTS)}")
     c = finetune.get_config(task)
-    del c.model, c.model_dir
+    for name in finetune.FINETUNE_ONLY:  # fine-tuning fields this job does not read
+        del c[name]
     c.job = "distill"  # experiments.main runs experiments.distill.distill_and_evaluate
     c.teacher_dir = finetune._optional_str(None)  # model directory of the fine-tuned teacher (DIR/model); required
 

@@ -39,6 +39,8 @@ from ml_collections import config_dict
 # Task -> its folder under ../shared/data.
 DATA_FOLDERS = {"sst2": "sst2", "mrpc": "mrpc", "rte": "rte", "wikiann": "wikiann_en", "wnut17": "wnut17"}
 TASKS = ("synthetic",) + tuple(DATA_FOLDERS)
+# Fields that say how the fine-tuned model is built; jobs that start from a saved model drop them.
+FINETUNE_ONLY = ("model", "model_dir", "layers", "qat")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -87,6 +89,10 @@ def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
     c.loss_scale.init_scale = 32768.0  # the first scale (2**15)
     c.loss_scale.growth_interval = 2000  # finite steps in a row before the scale doubles
     c.loss_scale.minimum_scale = 1.0  # the scale never drops below this; a skipped step there stops the run
+
+    c.layers = ml_collections.ConfigDict()  # depth: half-depth initialisation and LayerDrop (Fan et al. 2019)
+    c.layers.init = "all"  # "all" layers of model_dir, or "every_other" (layers 0, 2, 4, ...: a half-depth model)
+    c.layers.layerdrop = 0.0  # probability of skipping each layer in training; > 0 also reports every-other pruning
 
     c.qat = ml_collections.ConfigDict()  # quantization-aware training (int8 fake quantization, fixed scales)
     c.qat.enabled = False  # on: calibrate activation scales once, then train through fake quantization

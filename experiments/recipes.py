@@ -6,6 +6,8 @@ it starts from). Kinds:
 
 * ``finetune``: :func:`experiments.train.train_and_evaluate` (the teacher);
 * ``distill``: :func:`experiments.distill.distill_and_evaluate` (``source`` is the teacher);
+* ``theseus``: :func:`experiments.theseus.theseus_and_evaluate` (module replacement; ``source`` is the
+  predecessor);
 * ``prune``: head-importance pruning to a dev-metric budget, then compaction (:mod:`experiments.prune`);
 * ``quantize``: post-training int8 quantization (calibrated fake-quant accuracy, real int8 execution);
 * ``export``: ONNX files (fp32, fp16, int8 Q/DQ) with parity against the JAX model.
@@ -30,9 +32,11 @@ from absl import logging
 
 from experiments import config_validation
 
-KINDS = ("finetune", "distill", "prune", "quantize", "export")
+KINDS = ("finetune", "distill", "theseus", "prune", "quantize", "export")
+TRAINING_KINDS = ("finetune", "distill", "theseus")
 # Families each kind accepts as its source model.
-ACCEPTS = {"distill": ("transformer",), "prune": ("transformer",), "quantize": ("transformer",),
+ACCEPTS = {"distill": ("transformer",), "theseus": ("transformer",), "prune": ("transformer",),
+           "quantize": ("transformer",),
            "export": ("transformer", "bilstm", "cnn_lstm")}
 
 
@@ -56,7 +60,7 @@ def _family_of(config, name: str) -> str | None:
         return "transformer"
     if stage.kind == "distill":
         return stage.config.student.family
-    if stage.kind in ("prune",):
+    if stage.kind in ("theseus", "prune"):
         return "transformer"
     return None
 
@@ -126,6 +130,9 @@ def _run_stage(config, name: str, workdir: str) -> None:
     elif stage.kind == "distill":
         from experiments.distill import distill_and_evaluate
         distill_and_evaluate(stage.config, stage_dir)  # teacher_dir: set by run_recipe from the source
+    elif stage.kind == "theseus":
+        from experiments.theseus import theseus_and_evaluate
+        theseus_and_evaluate(stage.config, stage_dir)  # teacher_dir: set by run_recipe from the source
     elif stage.kind == "prune":
         from experiments import prune
         task = _task_for(config, src_model(stage.source))
@@ -213,12 +220,14 @@ def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     for name in names:
         stage = config[name]
-        if stage.kind == "distill":
+        if stage.kind in ("distill", "theseus"):
             with stage.config.unlocked():
                 stage.config.teacher_dir = os.path.join(workdir, stage.source, "model")
-        if stage.kind in ("finetune", "distill"):
+        if stage.kind in TRAINING_KINDS:
             from experiments.distill import DISTILL_SCHEMA
-            schema = config_validation.FINETUNE_SCHEMA if stage.kind == "finetune" else DISTILL_SCHEMA
+            from experiments.theseus import THESEUS_SCHEMA
+            schema = {"finetune": config_validation.FINETUNE_SCHEMA, "distill": DISTILL_SCHEMA,
+                      "theseus": THESEUS_SCHEMA}[stage.kind]
             try:
                 config_validation.validate(stage.config, schema)
             except config_validation.ConfigError as e:

@@ -1,5 +1,6 @@
-"""The main job: fine-tune a teacher, distil it into a BiLSTM and a 3-layer Transformer, prune its heads,
-quantize it to int8, export everything to ONNX, and report every model side by side.
+"""The main job: fine-tune a teacher, distil it into a BiLSTM and a 3-layer Transformer, compress it to 3 layers
+by module replacement (BERT-of-Theseus), prune its heads, quantize it to int8, export everything to ONNX, and
+report every model side by side.
 
 Launch (``make demo`` runs the first; it needs no data files and finishes in under 15 minutes on 2 CPU cores)::
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import distill, finetune
+from experiments.configs import distill, finetune, theseus
 
 PROFILES = ("demo", "sst2")
 
@@ -36,7 +37,8 @@ def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
     c.data_dir = finetune._optional_str(finetune.default_data_dir(task))  # the task's data folder (None: generated)
     c.synthetic_size = 2000  # training examples of the generated task
     c.seed = 0  # data generation / order seed shared by the stages
-    c.stages = "teacher,transformer3,bilstm,pruned,int8,onnx"  # stage names in order (each has a section below)
+    # stage names in order (each has a section below)
+    c.stages = "teacher,transformer3,bilstm,theseus,pruned,int8,onnx"
 
     # 1. The teacher: fine-tuning (experiments/configs/finetune.py fields).
     c.teacher = ml_collections.ConfigDict()
@@ -53,6 +55,11 @@ def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
     c.bilstm.kind = "distill"
     c.bilstm.source = "teacher"
     c.bilstm.config = distill.get_config(f"{task},bilstm")
+
+    c.theseus = ml_collections.ConfigDict()  # module replacement, 6 -> 3 layers (experiments/configs/theseus.py)
+    c.theseus.kind = "theseus"
+    c.theseus.source = "teacher"
+    c.theseus.config = theseus.get_config(f"{task},linear")
 
     # 3. Head pruning of the teacher to a dev-metric budget, then compaction (experiments/prune.py).
     c.pruned = ml_collections.ConfigDict()
@@ -73,7 +80,7 @@ def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
     # 5. ONNX export of the teacher and the students (experiments/export.py), int8 from the quantize stage.
     c.onnx = ml_collections.ConfigDict()
     c.onnx.kind = "export"
-    c.onnx.source = "teacher,transformer3,bilstm,pruned"
+    c.onnx.source = "teacher,transformer3,bilstm,theseus,pruned"
     c.onnx.precisions = "fp32,fp16"  # fp32 | fp16; a source with a quantize stage also gets its int8 Q/DQ file
 
     c.report = ml_collections.ConfigDict()
@@ -82,7 +89,7 @@ def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
     c.report.seq = 128  # throughput sequence length
     c.report.rounds = 5  # interleaved timing rounds
 
-    stage_configs = [c.teacher.config, c.transformer3.config, c.bilstm.config]
+    stage_configs = [c.teacher.config, c.transformer3.config, c.bilstm.config, c.theseus.config]
     for sc in stage_configs:  # linked: --config.data_dir=... reaches every stage
         sc.data_dir = c.get_ref("data_dir")
         sc.seed = c.get_ref("seed")
@@ -96,8 +103,11 @@ def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
             t.num_train_steps = 120
             t.eval_every_steps = 60
             t.checkpoint.every_steps = 60
+        else:  # the from-scratch teacher has 2 layers: 1-layer Transformer student and successor
+            c.transformer3.config.student.num_layers = 1
+            c.theseus.config.theseus.successor_layers = 1
         t.max_length = 32
-        for sc in (c.transformer3.config, c.bilstm.config):
+        for sc in (c.transformer3.config, c.bilstm.config, c.theseus.config):
             sc.max_length = 32
             sc.num_train_steps = 200
             sc.eval_every_steps = 100

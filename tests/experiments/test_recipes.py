@@ -23,13 +23,14 @@ def _set(config, values):
         node[leaf] = value
 
 
-def tiny_recipe(stages="teacher,transformer3,bilstm,pruned,int8,onnx"):
+def tiny_recipe(stages="teacher,transformer3,bilstm,theseus,pruned,int8,onnx"):
     c = recipe_configs.get_config("demo")
     c.stages = stages
     c.synthetic_size = 256
     c.teacher.config.model_dir = None
     _set(c.teacher.config, {**TINY, "num_train_steps": 36, "eval_every_steps": 18, "checkpoint.every_steps": 18})
     _set(c.transformer3.config, {**STUDENT, "student.num_layers": 1})
+    _set(c.theseus.config, {**STUDENT, "theseus.successor_layers": 1})
     _set(c.bilstm.config, {**STUDENT, "student.embed_dim": 16, "student.hidden_size": 8, "student.mlp_hidden": 8,
                            "augment.n_per_example": 1})
     c.pruned.step, c.pruned.max_fraction, c.pruned.importance_examples = 0.25, 0.5, 32
@@ -49,8 +50,8 @@ def recipe_run(tmp_path_factory):
 
 def test_every_stage_writes_its_outputs_and_the_report(recipe_run):
     workdir, out = recipe_run
-    assert list(out) == ["teacher", "transformer3", "bilstm", "pruned", "int8", "onnx"]
-    for stage in ("teacher", "transformer3", "bilstm", "pruned"):
+    assert list(out) == ["teacher", "transformer3", "bilstm", "theseus", "pruned", "int8", "onnx"]
+    for stage in ("teacher", "transformer3", "bilstm", "theseus", "pruned"):
         assert (workdir / stage / "model" / "config.json").is_file()
     assert out["pruned"]["chosen"]["heads_pruned"] == 2  # max_fraction 0.5 of 4 heads
     assert set(out["int8"]) >= {"float32", "fake_quant", "int8"}
@@ -63,7 +64,7 @@ def test_every_stage_writes_its_outputs_and_the_report(recipe_run):
         assert (workdir / name).is_file(), name
     report = json.loads((workdir / "report.json").read_text())
     rows = {(m["name"], m["variant"]) for m in report["models"]}
-    assert rows >= {("teacher", "float32"), ("transformer3", "float32"), ("bilstm", "float32"),
+    assert rows >= {("teacher", "float32"), ("transformer3", "float32"), ("bilstm", "float32"), ("theseus", "float32"),
                     ("pruned", "float32"), ("int8", "int8")}
     teacher = next(m for m in report["models"] if m["name"] == "teacher")
     assert teacher["ratio"] == pytest.approx(1.0) and teacher["tokens_per_s"] > 0
@@ -74,7 +75,7 @@ def test_every_stage_writes_its_outputs_and_the_report(recipe_run):
 def test_rerun_skips_finished_stages(recipe_run):
     workdir, out = recipe_run
     stamp = os.path.getmtime(workdir / "teacher" / "results.json")
-    again = recipes.run_recipe(tiny_recipe("teacher,transformer3,bilstm,pruned,int8,onnx"), str(workdir))
+    again = recipes.run_recipe(tiny_recipe("teacher,transformer3,bilstm,theseus,pruned,int8,onnx"), str(workdir))
     assert os.path.getmtime(workdir / "teacher" / "results.json") == stamp
     assert again["bilstm"]["final"] == out["bilstm"]["final"]
 
@@ -94,7 +95,7 @@ def test_killed_stage_resumes_to_the_same_final_metrics(recipe_run, tmp_path):
             shutil.rmtree(d)
     for later in ("pruned", "int8", "onnx"):
         shutil.rmtree(copy / later)
-    again = recipes.run_recipe(tiny_recipe("teacher,transformer3,bilstm,pruned,int8,onnx"), str(copy))
+    again = recipes.run_recipe(tiny_recipe("teacher,transformer3,bilstm,theseus,pruned,int8,onnx"), str(copy))
     assert again["transformer3"]["final"] == out["transformer3"]["final"]
     assert again["transformer3"]["steps"] == out["transformer3"]["steps"]
 

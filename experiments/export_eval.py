@@ -14,31 +14,30 @@ and writes ``OUT/eval.json`` beside the ONNX files. Sequence-classification task
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 import models
 from compression.export import ExportError
+from experiments import evaluation
 from experiments.benchmarks.common import print_table, write_json
-from experiments.export import calibration_batches, export_model_dir, output_fields
+from experiments.export import calibration_batches, export_model_dir
 from experiments.metrics import classification_metrics
 
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+INPUTS = evaluation.TRANSFORMER_INPUTS
 
 
-def _predict_jax(apply_fn, variables, batches) -> np.ndarray:
-    logits = jax.jit(lambda v, b: output_fields(apply_fn, ["logits"])(v, **b)["logits"])
-    return np.concatenate([np.asarray(logits(variables, b)).argmax(-1) for b in batches])
-
-
-def _predict_onnx(path: str, batches) -> np.ndarray:
+def _onnx_logits(path: str, task, batch_size: int):
+    """``(logits, batch)`` of an ONNX file in onnxruntime (CPU) over ``task.dev``, as
+    :func:`experiments.evaluation.dev_logits` yields them for the JAX model."""
     import onnxruntime as ort
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     out = [o.name for o in sess.get_outputs()].index("logits")
-    return np.concatenate([sess.run(None, b)[out].argmax(-1) for b in batches])
+    for b in task.dev.batches(batch_size, shuffle=False, drop_remainder=False):
+        yield sess.run(None, {k: b[k] for k in INPUTS})[out], b
 
 
 def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: str,
@@ -60,14 +59,8 @@ def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: s
     data = load_task(task, data_dir, tokenizer=model_dir, max_length=max_length, **task_kwargs)
     if data.kind != "sequence":
         raise ExportError(f"export_eval scores sequence-classification tasks; {task!r} is a {data.kind} task")
-    dev = data.dev if max_examples is None else data.dev.select(range(min(max_examples, len(data.dev))))
-    batches, labels, weights = [], [], []
-    for b in dev.batches(batch_size):
-        batches.append({k: b[k] for k in INPUTS})
-        labels.append(b["labels"])
-        weights.append(b["example_weight"])
-    labels, weights = np.concatenate(labels), np.concatenate(weights)
-
+    if max_examples is not None:
+        data = dataclasses.replace(data, dev=data.dev.select(range(min(max_examples, len(data.dev)))))
     model, config, params = models.load(model_dir)
     if config.num_labels != data.num_labels:
         raise ExportError(f"the model has {config.num_labels} labels, task {task!r} has {data.num_labels}")
@@ -78,23 +71,26 @@ def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: s
     report = export_model_dir(model_dir, out_dir, precisions, quant_state=qvars and qvars[q.QUANT],
                               outputs=["logits"], overwrite=overwrite)
 
-    predictions = {"jax_fp32": _predict_jax(model.apply, {"params": params}, batches)}
+    jax_models = {"jax_fp32": (model.apply, {"params": params})}
     if qvars is not None:
-        predictions["jax_int8_fake_quant"] = _predict_jax(q.fake_quant().wrap(model.apply), qvars, batches)
+        jax_models["jax_int8_fake_quant"] = (q.fake_quant().wrap(model.apply), qvars)
+    predictions = {name: evaluation.dev_predictions(fn, v, data, INPUTS, batch_size)
+                   for name, (fn, v) in jax_models.items()}
     for p in precisions:
-        predictions[f"onnx_{p}"] = _predict_onnx(os.path.join(out_dir, f"model_{p}.onnx"), batches)
+        predictions[f"onnx_{p}"] = evaluation.Predictions.collect(
+            _onnx_logits(os.path.join(out_dir, f"model_{p}.onnx"), data, batch_size))
 
-    real = weights > 0
     rows = []
-    base = None
     for name, pred in predictions.items():
-        metrics = classification_metrics(pred, labels, data.num_labels, weights)
-        base = metrics["accuracy"] if base is None else base
-        rows.append({"name": name, **metrics, "delta_points": 100.0 * (metrics["accuracy"] - base),
-                     "agreement": float(np.mean(pred[real] == predictions["jax_fp32"][real]))})
-    result = {"task": task, "dev_examples": int(real.sum()), "rows": rows, "export": report}
+        scores = classification_metrics(*map(np.concatenate, (pred.preds, pred.labels)), data.num_labels,
+                                        np.concatenate(pred.weights))
+        base = rows[0]["accuracy"] if rows else scores["accuracy"]
+        rows.append({"name": name, **scores, "delta_points": 100.0 * (scores["accuracy"] - base),
+                     "agreement": pred.agreement(predictions["jax_fp32"])})
+    n_dev = len(data.dev)
+    result = {"task": task, "dev_examples": n_dev, "rows": rows, "export": report}
     print_table(rows, ["name", "accuracy", *[m for m in ("f1", "mcc") if m in rows[0]], "delta_points", "agreement"],
-                title=f"{task} dev ({int(real.sum())} examples): JAX vs exported ONNX in onnxruntime")
+                title=f"{task} dev ({n_dev} examples): JAX vs exported ONNX in onnxruntime")
     write_json(os.path.join(out_dir, "eval.json"), result)
     return result
 

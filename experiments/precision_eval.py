@@ -32,15 +32,14 @@ import argparse
 import os
 import time
 
-import jax
 import numpy as np
 
 import models
 from compression import precision
 from compression.sites import ISLAND_KINDS
-from experiments import metrics
+from experiments import evaluation
 from experiments.benchmarks import common
-from experiments.data import TaskData, load_task
+from experiments.data import TaskData
 
 LOW = ("bfloat16", "float16")
 
@@ -55,26 +54,6 @@ def variants() -> dict[str, tuple[str, dict[str, bool]]]:
             out[f"{dtype}-{kind}"] = (dtype, {kind: False})
         out[f"{dtype}-all"] = (dtype, {kind: False for kind in ISLAND_KINDS})
     return out
-
-
-def _logits(apply, params, task: TaskData, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(float32 logits [N, C] or [N, S, C], labels, example weights) over the dev split, padding rows kept."""
-    fn = jax.jit(lambda p, ids, mask, tt: apply({"params": p}, ids, attention_mask=mask, token_type_ids=tt).logits)
-    logits, labels, weights = [], [], []
-    for batch in task.dev.batches(batch_size, shuffle=False, drop_remainder=False):
-        logits.append(np.asarray(fn(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]),
-                                 np.float32))
-        labels.append(batch["labels"])
-        weights.append(batch["example_weight"])
-    return np.concatenate(logits), np.concatenate(labels), np.concatenate(weights)
-
-
-def _task_metrics(task: TaskData, preds: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> dict[str, float]:
-    if task.kind == "token":
-        result = metrics.token_metrics(preds, labels, task.label_names, weights)
-    else:
-        result = metrics.classification_metrics(preds, labels, task.num_labels, weights)
-    return {k: v for k, v in result.items() if k in task.metric_names or k == "token_accuracy"}
 
 
 def evaluate(model, params, task: TaskData, *, batch_size: int = 64,
@@ -95,14 +74,13 @@ def evaluate(model, params, task: TaskData, *, batch_size: int = 64,
     for name in names:
         policy_name, islands = table[name]
         start = time.perf_counter()
-        logits, labels, weights = _logits(precision.policy(policy_name, islands=islands).wrap(model.apply),
-                                          params, task, batch_size)
-        preds = np.argmax(logits, -1)
-        real = weights > 0
-        if task.kind == "token":
-            real = real[:, None] & (labels != metrics.IGNORE_INDEX)
+        p = evaluation.dev_predictions(precision.policy(policy_name, islands=islands).wrap(model.apply),
+                                       {"params": params}, task, evaluation.TRANSFORMER_INPUTS, batch_size,
+                                       keep_logits=True)
+        logits, preds = np.concatenate(p.logits), np.concatenate(p.preds)  # one width: buckets=[max_length]
+        real = evaluation.scored(np.concatenate(p.labels), np.concatenate(p.weights))
         row = {"policy": policy_name, "islands_off": sorted(k for k, on in islands.items() if not on),
-               **_task_metrics(task, preds, labels, weights)}
+               **p.metrics(task)}
         if ref is None:
             ref = (logits, preds, row[key])
         row["delta_points"] = 100.0 * (row[key] - ref[2])
@@ -145,11 +123,9 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {','.join(variants())}")
 
-    model, config, params = models.load(args.model_dir)
-    task = load_task(task_name, args.data_dir, tokenizer=args.model_dir, max_length=max_length,
-                     synthetic_size=args.synthetic_size, buckets=[max_length])
-    if task.num_labels != config.num_labels:
-        parser.error(f"task {task_name!r} has {task.num_labels} labels, the model's head {config.num_labels}")
+    model, _, params, task = evaluation.load_model_task(args.model_dir, task_name, args.data_dir,
+                                                        max_length=max_length, synthetic_size=args.synthetic_size,
+                                                        buckets=[max_length])
     env = common.environment()
     print(f"{task.name}: {len(task.dev)} dev examples, max_length {max_length}; {env['platform']} "
           f"({env['device']}); XLA_FLAGS={env['xla_flags']!r}", flush=True)

@@ -5,15 +5,22 @@ The teacher is a model directory written by fine-tuning (``models.load``). Its l
 computed once, in eval mode, and cached in ``workdir/teacher_logits.npz``; each training batch then carries
 ``teacher_logits`` for its rows, so a step costs only the student's forward and backward. The loss is a
 :mod:`compression.distillation` preset (``none``: gold labels only, the baseline every figure is compared
-with). Students: a Transformer initialised from a subset of the teacher's layers, or a BiLSTM over words.
+with). Students: a Transformer initialised from a subset of the teacher's layers, or a BiLSTM over words
+(sequence tasks); the CNN-LSTM tagger (token tasks, Izsak et al. 2019).
+
+Token tasks: the teacher tags sub-tokens, the CNN-LSTM tags words. Each word takes the teacher's logits at its
+first sub-token (the data's ``word_start_index``, the position the teacher's own labels sit at), so the cache
+holds word-level logits float32 [N, max_length, C] (zeros past each sentence). The soft-target and gold-label
+terms are means over real words (``word_mask``); padded words never enter the loss.
 
 Writes, like fine-tuning, ``checkpoints/``, ``metrics.jsonl``, ``results.json`` and ``model/`` (a
-self-describing model directory with its tokenizer or word vocabulary) into ``workdir``.
+self-describing model directory with its tokenizer, or its word (and character) vocabulary) into ``workdir``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -31,12 +38,15 @@ from experiments import config_validation, evaluation, loop, observe, trainer
 from experiments.config_validation import Field
 from experiments.configs.finetune import FINETUNE_ONLY
 from experiments.data import Split, TaskData, load_task
+from experiments.data.batching import Features
 from experiments.data.features import encode_sequences
+from experiments.data.vocab import WordVocab
 from experiments.parallel import DataParallel
 from models.bilstm import BiLSTMConfig
+from models.cnn_lstm import CNNLSTMConfig
 from models.transformer import TransformerConfig
 
-FAMILIES = ("transformer", "bilstm")
+FAMILIES = ("transformer", "bilstm", "cnn_lstm")
 INITS = ("every_other", "first", "random")
 
 DISTILL_SCHEMA = {
@@ -53,6 +63,10 @@ DISTILL_SCHEMA = {
         "pooling": Field(str, choices=("max", "mean", "attention")),
         "dropout_rate": Field(float, min=0.0, max=0.99),
         "max_vocab": Field(int, min=3),
+        "char_embed_dim": Field(int, min=1),
+        "char_filters": Field(int, min=1),
+        "char_kernel_size": Field(int, min=1),
+        "max_word_chars": Field(int, min=1),
     },
     "distill": {
         "preset": Field(str, choices=("none",) + tuple(presets.PRESETS)),
@@ -118,18 +132,41 @@ def _augmented(task: TaskData, config) -> Split | None:
                  texts_b=texts_b)
 
 
+def first_subtoken_logits(logits, word_start_index, word_mask):
+    """Word-level teacher logits: each word's logits at its first sub-token.
+
+    Args:
+      logits: float [B, S, C], the teacher's per-sub-token logits.
+      word_start_index: int32 [B, W], the position in the sub-token row of each word's first sub-token
+        (the data's ``word_start_index``; 0 past the sentence).
+      word_mask: int [B, W], 1 = real word.
+
+    Returns: float [B, W, C] (``logits``' dtype), zeros at padded words.
+    """
+    xp = jnp if isinstance(logits, jax.Array) else np
+    picked = xp.take_along_axis(logits, word_start_index[..., None], axis=1)
+    return xp.where(word_mask[..., None] > 0, picked, xp.zeros((), picked.dtype))
+
+
 def teacher_logits(teacher_apply, teacher_params, split: Split, batch_size: int = 128,
-                   progress_bar: str = "auto") -> np.ndarray:
-    """The teacher's eval-mode logits over ``split`` in its order, float32 [N, C] (or [N, S, C] padded to the
-    largest bucket for token tasks)."""
+                   progress_bar: str = "auto", word_level: bool = False) -> np.ndarray:
+    """The teacher's eval-mode logits over ``split`` in its order: float32 [N, C] for sequence tasks, or
+    [N, L, C] for token tasks padded to the largest bucket L -- per sub-token, or per word (each word's first
+    sub-token, :func:`first_subtoken_logits`) with ``word_level``."""
+    keys = evaluation.TRANSFORMER_INPUTS + (("word_start_index", "word_mask") if word_level else ())
+
     @jax.jit
     def forward(params, batch):
-        return trainer.model_outputs(teacher_apply, params, {}, batch, train=False).logits.astype(jnp.float32)
+        inputs = {k: batch[k] for k in evaluation.TRANSFORMER_INPUTS}
+        logits = trainer.model_outputs(teacher_apply, params, {}, inputs, train=False).logits.astype(jnp.float32)
+        if word_level:
+            logits = first_subtoken_logits(logits, batch["word_start_index"], batch["word_mask"])
+        return logits
 
     out = []
     bar = observe.Progress(split.num_batches(batch_size, drop_remainder=False), 0, progress_bar)
     for batch in split.batches(batch_size, shuffle=False, drop_remainder=False):
-        logits = np.asarray(forward(teacher_params, {k: batch[k] for k in evaluation.TRANSFORMER_INPUTS}))
+        logits = np.asarray(forward(teacher_params, {k: batch[k] for k in keys}))
         if logits.ndim == 3:
             logits = np.pad(logits, ((0, 0), (0, split.buckets[-1] - logits.shape[1]), (0, 0)))
         out.append(logits[batch["example_weight"] > 0])
@@ -138,19 +175,30 @@ def teacher_logits(teacher_apply, teacher_params, split: Split, batch_size: int 
     return np.concatenate(out)
 
 
-def _cached_logits(path: str, compute, n: int) -> np.ndarray:
-    """Loads ``path`` if it holds ``n`` rows, else computes and writes it atomically."""
+def _cached_logits(path: str, compute, shape: tuple[int, ...]) -> np.ndarray:
+    """Loads ``path`` if it holds logits of ``shape``, else computes and writes them atomically."""
     if os.path.exists(path):
         cached = np.load(path)["logits"]
-        if len(cached) == n:
+        if cached.shape == tuple(shape):
             return cached
-        logging.warning("%s holds %d rows, the transfer set has %d: recomputing", path, len(cached), n)
+        logging.warning("%s holds logits of shape %s, the transfer set needs %s: recomputing", path,
+                        cached.shape, tuple(shape))
     logits = compute()
     if observe.is_writer():
         tmp = path + ".tmp.npz"
         np.savez(tmp, logits=logits)
         os.replace(tmp, path)
     return logits
+
+
+def _tagger_split(split: Split) -> Split:
+    """The CNN-LSTM's view of a token-task split: word features only (``word_ids``, ``char_ids``,
+    ``word_mask``), ``labels`` = the word tags (int32 [B, W], -100 past the sentence) and ``example_index``."""
+    f = split.features
+    ragged = {"word_ids": f.ragged["word_ids"], "char_ids": f.ragged["char_ids"], "labels": f.ragged["word_labels"]}
+    feats = Features(lengths={"word": f.lengths["word"]}, ragged=ragged,
+                     scalars={"example_index": np.arange(len(split), dtype=np.int32)}, truncated=f.truncated)
+    return Split(split.name, labels=split.labels, features=feats, buckets=split.buckets, tokens=split.tokens)
 
 
 # -- students --------------------------------------------------------------------------------------------
@@ -181,6 +229,19 @@ def bilstm_student(task: TaskData, s, key):
     return cfg, params
 
 
+def cnn_lstm_student(task: TaskData, s, key):
+    """A fresh CNN-LSTM tagger over the task's word and character vocabularies (``s``: config.student)."""
+    cfg = CNNLSTMConfig(vocab_size=len(task.word_vocab), char_vocab_size=len(task.char_vocab),
+                        word_embed_dim=s.embed_dim, char_embed_dim=s.char_embed_dim, char_filters=s.char_filters,
+                        char_kernel_size=s.char_kernel_size, max_chars_per_token=s.max_word_chars,
+                        hidden_size=s.hidden_size, num_layers=s.num_layers, num_labels=task.num_labels,
+                        dropout_rate=s.dropout_rate)
+    words = jnp.zeros((1, 8), jnp.int32)
+    chars = jnp.zeros((1, 8, s.max_word_chars), jnp.int32)
+    params = jax.jit(models.model_class("cnn_lstm")(cfg).init)(key, words, chars, jnp.ones((1, 8), jnp.int32))
+    return cfg, params["params"]
+
+
 # -- the loss --------------------------------------------------------------------------------------------
 
 def distillation_loss(student_apply, preset: presets.Preset | None):
@@ -208,7 +269,51 @@ def distillation_loss(student_apply, preset: presets.Preset | None):
     return loss_fn
 
 
+def tagger_distillation_loss(student_apply, preset: presets.Preset | None):
+    """Token-level ``loss_fn(params, batch, rng, extras)`` for a word-level tagger (the CNN-LSTM).
+
+    The batch holds ``word_ids`` int32 [B, W], ``char_ids`` int32 [B, W, L], ``word_mask`` int32 [B, W],
+    ``labels`` int32 [B, W] (-100 past the sentence), ``example_weight`` float32 [B] and, with a preset,
+    ``teacher_logits`` float32 [B, W, C]. The preset's soft-target term and its gold-label term are means
+    over the real words (``word_mask`` x ``example_weight``), so padded positions never count whatever the
+    teacher's values there; ``LossAux.weight`` is that word count, so devices combine per word. Without a
+    preset (None): cross-entropy on the gold tags only.
+    """
+    if preset is None:
+        return trainer.classification_loss(student_apply)
+
+    def loss_fn(params, batch, rng, extras):
+        out = trainer.model_outputs(student_apply, params, extras, batch, train=True, rng=rng)
+        loss, terms = presets.distill_loss(
+            preset, out, batch["teacher_logits"],
+            {k: batch[k] for k in ("labels", "word_mask", "example_weight")}, mask_key="word_mask")
+        real = batch["word_mask"].astype(jnp.float32) * batch["example_weight"][:, None]
+        n = jnp.sum(real)
+        agree = (jnp.argmax(out.logits, -1) == jnp.argmax(batch["teacher_logits"], -1)).astype(jnp.float32)
+        metrics = {**{f"loss_{k}": v for k, v in terms.items()},
+                   "teacher_agreement": jnp.sum(agree * real) / jnp.maximum(n, 1e-12)}
+        return loss, trainer.LossAux(weight=n, metrics=metrics)
+
+    return loss_fn
+
+
 # -- the run ---------------------------------------------------------------------------------------------
+
+def _check_pairing(family: str, kind: str, subject: str) -> None:
+    """Raises unless a ``family`` student fits a ``kind`` (``"sequence"``/``"token"``) task; ``subject`` opens
+    the message (e.g. ``"task wikiann is"``)."""
+    if kind == "token" and family != "cnn_lstm":
+        raise ValueError(f"{subject} a token task (one tag per word): token tasks distil into the CNN-LSTM tagger "
+                         f"(student family cnn_lstm, e.g. distill.py:wikiann,cnn_lstm), not a {family} student")
+    if kind == "sequence" and family == "cnn_lstm":
+        raise ValueError(f"{subject} a sequence task (one label per example): the CNN-LSTM student tags words; use "
+                         "a transformer or bilstm student (e.g. distill.py:sst2,bilstm)")
+
+
+def _teacher_kind(teacher_cfg: TransformerConfig, teacher_meta: dict) -> str:
+    """``"token"`` or ``"sequence"``: what the teacher was fine-tuned on (its saved task kind, else its head)."""
+    return teacher_meta.get("kind") or ("token" if teacher_cfg.head == "token" else "sequence")
+
 
 def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Distils ``config.teacher_dir`` into the configured student in ``workdir``; returns the results dict."""
@@ -217,23 +322,27 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
     observe.quiet_library_logs()
     start_time = time.time()
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     teacher, teacher_cfg, teacher_params = models.load(config.teacher_dir)
     teacher_meta = models.read_meta(config.teacher_dir)["extra"]
     if teacher_cfg.family != "transformer":
         raise ValueError(f"the teacher {config.teacher_dir} is a {teacher_cfg.family}; distillation expects a "
                          "fine-tuned Transformer teacher")
     s = config.student
+    tagger = s.family == "cnn_lstm"
     word_level = s.family != "transformer"
-    task = load_task(config.task, config.data_dir, tokenizer=config.teacher_dir, max_length=config.max_length,
-                     word_vocab="build" if word_level else None, seed=config.seed,
-                     synthetic_size=config.synthetic_size)
+    load = functools.partial(load_task, config.task, config.data_dir, tokenizer=config.teacher_dir,
+                             max_length=config.max_length, seed=config.seed, synthetic_size=config.synthetic_size,
+                             **({"max_word_chars": s.max_word_chars} if tagger else {}))
+    task = load(word_vocab="build" if word_level else None)
+    _check_pairing(s.family, task.kind, f"task {task.name} is")
+    teacher_kind = _teacher_kind(teacher_cfg, teacher_meta)
+    if teacher_kind != task.kind:
+        raise ValueError(f"the teacher {config.teacher_dir} was fine-tuned on a {teacher_kind} task "
+                         f"({teacher_meta.get('task', 'unknown')}), task {task.name} is a {task.kind} task: "
+                         "distil a teacher fine-tuned on the student's task")
     if word_level and len(task.word_vocab.units) > s.max_vocab:
-        from experiments.data.vocab import WordVocab
-        texts = task.train.texts + (task.train.texts_b or [])
-        task = load_task(config.task, config.data_dir, tokenizer=config.teacher_dir, max_length=config.max_length,
-                         word_vocab=WordVocab.build(texts, max_size=s.max_vocab), seed=config.seed,
-                         synthetic_size=config.synthetic_size)
+        texts = task.train.tokens if tagger else task.train.texts + (task.train.texts_b or [])
+        task = load(word_vocab=WordVocab.build(texts, max_size=s.max_vocab), char_vocab=task.char_vocab)
     teacher_labels = teacher_meta.get("label_names")
     if teacher_labels is not None and list(teacher_labels) != list(task.label_names):
         raise ValueError(f"teacher and student label sets differ: the teacher was trained on {teacher_labels}, "
@@ -241,24 +350,38 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
     if teacher_cfg.num_labels != task.num_labels:
         raise ValueError(f"the teacher has {teacher_cfg.num_labels} outputs, task {task.name} has "
                          f"{task.num_labels} labels")
-    if task.kind == "token":
-        raise ValueError(f"task {task.name} is a token task; this job distils sequence classifiers "
-                         "(Transformer or BiLSTM students), not taggers")
+    if tagger and config.augment.n_per_example > 0:
+        raise config_validation.ConfigError(
+            "config.augment.n_per_example > 0: transfer-set augmentation rewrites raw text and has no tags for a "
+            "token task; set it to 0 (token tasks distil on the training split)")
+    best_metric = config.checkpoint.best_metric
+    if best_metric and best_metric not in task.metric_names + ["loss"]:
+        raise config_validation.ConfigError(f"config.checkpoint.best_metric={best_metric!r} is not a metric of task "
+                                            f"{task.name}; allowed: {task.metric_names + ['loss']}")
+    os.makedirs(workdir, exist_ok=True)
 
     par = DataParallel(config.parallelism)
     inputs = evaluation.model_inputs(task, s.family)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
 
-    # Transfer set: the training split (+ augmented rows) with the teacher's logits.
-    train = _with_index(task.train)
+    # Transfer set: the training split (+ augmented rows) with the teacher's logits. The CNN-LSTM trains and
+    # evaluates on the word-level view of the splits; the teacher reads the sub-token features.
+    student_task = task
+    if tagger:
+        student_task = dataclasses.replace(task, train=_tagger_split(task.train), dev=_tagger_split(task.dev))
+        train = student_task.train
+    else:
+        train = _with_index(task.train)
     aug = _augmented(task, config) if preset is not None else None
     logits_path = os.path.join(workdir, "teacher_logits.npz")
     t_logits = None
     if preset is not None:
         splits = [task.train] + ([aug] if aug is not None else [])
         n = sum(len(x) for x in splits)
+        shape = (n, task.train.buckets[-1], task.num_labels) if tagger else (n, task.num_labels)
         t_logits = _cached_logits(logits_path, lambda: np.concatenate(
-            [teacher_logits(teacher.apply, teacher_params, x, progress_bar=config.progress_bar) for x in splits]), n)
+            [teacher_logits(teacher.apply, teacher_params, x, progress_bar=config.progress_bar, word_level=tagger)
+             for x in splits]), shape)
         has_label = np.ones(n, np.int32)
         if aug is not None:
             logging.info("transfer set: %d training + %d augmented examples (teacher-labelled)", len(task.train),
@@ -272,13 +395,15 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
         else:
             train = Split(train.name, labels=train.labels, features=dataclasses.replace(
                 train.features, scalars={**train.features.scalars, "has_label": has_label}),
-                buckets=train.buckets, texts=train.texts, texts_b=train.texts_b)
+                buckets=train.buckets, texts=train.texts, texts_b=train.texts_b, tokens=train.tokens)
 
     if s.family == "transformer":
         student_cfg, params = transformer_student(teacher_cfg, teacher_params, s.num_layers, s.init, init_key,
                                                   s.dropout_rate)
-    else:
+    elif s.family == "bilstm":
         student_cfg, params = bilstm_student(task, s, init_key)
+    else:
+        student_cfg, params = cnn_lstm_student(task, s, init_key)
     student = models.model_class(student_cfg.family)(student_cfg)
 
     steps_per_epoch = train.num_batches(config.batch_size, drop_remainder=True)
@@ -296,9 +421,11 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
                                    start_batch=start_batch, drop_remainder=True,
                                    process_index=jax.process_index(), process_count=jax.process_count()):
             if preset is not None:
-                batch["teacher_logits"] = t_logits[batch["example_index"]]
+                rows = t_logits[batch["example_index"]]  # token tasks: [B, max_length, C] -> the batch's width
+                batch["teacher_logits"] = rows[:, :batch["word_mask"].shape[1]] if tagger else rows
             yield {k: batch[k] for k in feed}
 
+    loss_fn = (tagger_distillation_loss if tagger else distillation_loss)(student.apply, preset)
     eval_step = par.compile(trainer.make_eval_step(trainer.classification_predict(student.apply)))
     settings = loop.LoopSettings(
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every_steps=config.log_every_steps,
@@ -308,9 +435,9 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
         async_save=config.checkpoint.async_save, export=config.export, progress_bar=config.progress_bar)
     result = loop.fit(
         workdir, par=par, state=state, settings=settings,
-        train_step=trainer.make_train_step(distillation_loss(student.apply, preset), tx, steps_per_epoch, schedule),
+        train_step=trainer.make_train_step(loss_fn, tx, steps_per_epoch, schedule),
         train_batches=train_batches,
-        evaluate=lambda d: loop.evaluate(par, eval_step, d, task, config.eval_batch_size,
+        evaluate=lambda d: loop.evaluate(par, eval_step, d, student_task, config.eval_batch_size,
                                          inputs + ("labels", "example_weight")),
         extra_overview=f"distil {config.teacher_dir} -> {s.family} student ({config.distill.preset}) on "
                        f"{task.name}: {len(train)} transfer / {len(task.dev)} dev examples")
@@ -329,6 +456,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
             tok_dir = os.path.join(workdir, "vocab")
             os.makedirs(tok_dir, exist_ok=True)
             task.word_vocab.save(os.path.join(tok_dir, "word_vocab.json"))
+            if tagger:
+                task.char_vocab.save(os.path.join(tok_dir, "char_vocab.json"))
         models.save(os.path.join(workdir, "model"), student_cfg.family, student_cfg, result.params,
                     tokenizer_dir=tok_dir, overwrite=True,
                     extra={"task": task.name, "kind": task.kind, "label_names": list(task.label_names),

@@ -1,7 +1,9 @@
-"""distill_and_evaluate on a tiny synthetic teacher: students train, teacher logits are the teacher's,
-the KD loss matches a hand computation, bad input fails before training."""
+"""distill_and_evaluate on tiny synthetic teachers: students train, teacher logits are the teacher's,
+the KD loss matches a hand computation, bad input fails before training. Token tasks: the CNN-LSTM student
+distils a tiny NER teacher word by word (first sub-token alignment, padding masked, per-word normalisation)."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +13,9 @@ import pytest
 import models
 from experiments import config_validation, distill, evaluation, trainer
 from experiments.configs import distill as distill_configs
-from experiments.data import load_task
-from experiments.data.vocab import WordVocab
+from experiments.data import Split, load_task
+from experiments.data.features import encode_tagged
+from experiments.data.vocab import CharVocab, WordVocab
 
 STUDENT_TINY = {"synthetic_size": 256, "batch_size": 16, "eval_batch_size": 32, "num_train_steps": 16,
                 "log_every_steps": 4, "eval_every_steps": 8, "checkpoint.every_steps": 8, "max_length": 16,
@@ -24,8 +27,8 @@ def teacher_dir(tiny_teacher_dir):
     return tiny_teacher_dir
 
 
-def _config(student: str, teacher_dir: str, **overrides):
-    config = distill_configs.get_config(f"synthetic,{student}")
+def _config(student: str, teacher_dir: str, base_task: str = "synthetic", **overrides):
+    config = distill_configs.get_config(f"{base_task},{student}")
     for key, value in {**STUDENT_TINY, **overrides}.items():
         node = config
         *path, leaf = key.split(".")
@@ -113,3 +116,172 @@ def test_bad_input_fails_before_training(teacher_dir, tmp_path):
         distill.distill_and_evaluate(_config("transformer3", teacher_dir, **{"student.num_layers": 5}),
                                      str(tmp_path / "c"))
     assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+# -- token tasks: the CNN-LSTM tagger student --------------------------------------------------------------
+
+# Tiny and fast; a high learning rate without dropout so that 8 steps already find some entities (span F1 > 0
+# makes the reload check below discriminate).
+TAGGER_TINY = {"num_train_steps": 8, "eval_every_steps": 8, "checkpoint.every_steps": 8, "student.embed_dim": 16,
+               "student.hidden_size": 16, "student.char_embed_dim": 8, "student.char_filters": 8,
+               "student.max_word_chars": 8, "student.dropout_rate": 0.0, "optimizer.learning_rate": 0.03}
+
+
+class _Out:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+def _stub_student(variables, *args, **kwargs):
+    """A "model" whose logits are its parameter ``s``: the loss is then a function of the logits alone."""
+    return _Out(variables["params"]["s"])
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_token_kd_loss_is_per_real_word_masks_padding_and_trains_only_the_student():
+    rng = np.random.default_rng(0)
+    b, w, c = 3, 5, 4
+    mask = (np.arange(w)[None] < np.array([[5], [3], [2]])).astype(np.int32)
+    weight = np.array([1.0, 1.0, 0.0], np.float32)  # the last row is an eval-style padding row
+    labels = np.where(mask > 0, rng.integers(0, c, (b, w)), -100).astype(np.int32)
+    s = rng.normal(size=(b, w, c)).astype(np.float32)
+    t = rng.normal(size=(b, w, c)).astype(np.float32)
+    batch = {"word_ids": np.ones((b, w), np.int32), "char_ids": np.ones((b, w, 3), np.int32), "word_mask": mask,
+             "labels": labels, "example_weight": weight, "has_label": np.ones(b, np.int32), "teacher_logits": t}
+    preset = distill._preset(distill_configs.get_config("synthetic_ner,cnn_lstm"))  # distilbert: T 2, 0.5 / 0.5
+    loss_fn = distill.tagger_distillation_loss(_stub_student, preset)
+    loss, aux = loss_fn({"s": jnp.asarray(s)}, batch, jax.random.key(0), {})
+
+    real = (mask * weight[:, None]) > 0  # 5 + 3 real words; the zero-weight row counts nothing
+    pt, ps = _softmax(t[real] / 2), _softmax(s[real] / 2)
+    kl = np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), -1)) * 4
+    ce = np.mean(-np.log(_softmax(s[real]))[np.arange(real.sum()), labels[real]])
+    np.testing.assert_allclose(float(loss), 0.5 * kl + 0.5 * ce, rtol=1e-5)
+    assert float(aux.weight) == 8.0
+
+    # Teacher logits at padded words (and in the zero-weight row) do not change the loss.
+    noisy = np.where(real[..., None], t, rng.normal(scale=100.0, size=t.shape)).astype(np.float32)
+    loss_noisy, _ = loss_fn({"s": jnp.asarray(s)}, {**batch, "teacher_logits": noisy}, jax.random.key(0), {})
+    assert float(loss_noisy) == float(loss)
+
+    # Gradients reach the student only, and only through real words.
+    g_s, g_t = jax.grad(lambda p, tl: loss_fn(p, {**batch, "teacher_logits": tl}, jax.random.key(0), {})[0],
+                        argnums=(0, 1))({"s": jnp.asarray(s)}, jnp.asarray(t))
+    assert not np.any(np.asarray(g_t))
+    g_s = np.asarray(g_s["s"])
+    assert np.all(np.abs(g_s[real]).sum(-1) > 0) and not np.any(g_s[~real])
+
+    # Without KD: gold-tag cross-entropy over the same real words.
+    ce_only, _ = distill.tagger_distillation_loss(_stub_student, None)({"s": jnp.asarray(s)}, batch,
+                                                                        jax.random.key(0), {})
+    np.testing.assert_allclose(float(ce_only), ce, rtol=1e-5)
+
+
+class _PairTokenizer:
+    """Splits every word into 2-character pieces ("york" -> "yo", "rk"), ids 4 and up."""
+
+    cls_id, sep_id, pad_id, unk_id = 2, 3, 0, 1
+
+    def pieces(self, texts):
+        return [[4 + i for i in range(0, len(t), 2)] for t in texts]
+
+
+def test_word_logits_are_the_first_subtokens():
+    logits = np.arange(2 * 6 * 3, dtype=np.float32).reshape(2, 6, 3)
+    starts = np.array([[1, 2, 4, 0], [1, 3, 0, 0]], np.int32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int32)
+    out = distill.first_subtoken_logits(logits, starts, mask)
+    np.testing.assert_array_equal(out[0, :3], logits[0, [1, 2, 4]])
+    np.testing.assert_array_equal(out[1, :2], logits[1, [1, 3]])
+    assert not out[0, 3].any() and not out[1, 2:].any()
+
+    # Through the data encoding and teacher_logits: [CLS] ne w yo rk is bi g [SEP] -> words start at 1, 3, 5, 6.
+    tokens = [["new", "york", "is", "big"], ["ok"]]
+    feats = encode_tagged("hand", tokens, [np.zeros(4, np.int32), np.zeros(1, np.int32)],
+                          tokenizer=_PairTokenizer(), word_vocab=None, char_vocab=None, max_length=16)
+    split = Split("hand", labels=[np.zeros(4), np.zeros(1)], features=feats, buckets=(16,), tokens=tokens)
+
+    def position_teacher(variables, input_ids, **kwargs):  # logit c at sub-token s is 10 * s + c
+        pos = jnp.arange(input_ids.shape[1], dtype=jnp.float32)[None, :, None]
+        return _Out(jnp.broadcast_to(10 * pos + jnp.arange(3.0), input_ids.shape + (3,)))
+
+    word_logits = distill.teacher_logits(position_teacher, {}, split, batch_size=2, progress_bar="off",
+                                         word_level=True)
+    assert word_logits.shape == (2, 16, 3)
+    np.testing.assert_array_equal(word_logits[0, :4, 0], [10, 30, 50, 60])
+    np.testing.assert_array_equal(word_logits[1, :1, 0], [10])
+    assert not word_logits[0, 4:].any() and not word_logits[1, 1:].any()
+
+
+@pytest.mark.parametrize("student", ["cnn_lstm", "cnn_lstm_nokd"])
+def test_cnn_lstm_student_distils_a_token_teacher(tiny_ner_teacher_dir, tmp_path, student):
+    config = _config(student, tiny_ner_teacher_dir, base_task="synthetic_ner", **TAGGER_TINY)
+    result = distill.distill_and_evaluate(config, str(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["steps"] == 8 and "span_f1" in saved["final"] and result["student_family"] == "cnn_lstm"
+    model, cfg, params = models.load(tmp_path / "model")
+    assert cfg.family == "cnn_lstm" and cfg.max_chars_per_token == 8 and cfg.num_labels == 7
+
+    if student == "cnn_lstm_nokd":  # gold tags only; the cache and reload checks below run once (compile time)
+        assert not (tmp_path / "teacher_logits.npz").exists()
+        return
+
+    task = load_task("synthetic_ner", None, tokenizer=tiny_ner_teacher_dir, max_length=16, synthetic_size=256,
+                     word_vocab=WordVocab.load(tmp_path / "model" / "word_vocab.json"),
+                     char_vocab=CharVocab.load(tmp_path / "model" / "char_vocab.json"), max_word_chars=8)
+    # The cache holds the teacher's logits at each word's first sub-token, zeros past the sentence.
+    cached = np.load(tmp_path / "teacher_logits.npz")["logits"]
+    assert cached.shape == (len(task.train), 16, 7)
+    teacher, _, t_params = models.load(tiny_ner_teacher_dir)
+    row = task.train.features.ragged
+    ids = jnp.asarray(row["input_ids"].rows[5][None])
+    ref = teacher.apply({"params": t_params}, ids, attention_mask=jnp.ones_like(ids),
+                        token_type_ids=jnp.zeros_like(ids)).logits[0]
+    n_words = len(row["word_start_index"].rows[5])
+    np.testing.assert_allclose(cached[5, :n_words], np.asarray(ref)[row["word_start_index"].rows[5]], atol=1e-4)
+    assert not cached[5, n_words:].any()
+
+    # The reloaded student reproduces the job's dev span F1 on word-level tags.
+    preds, labels, weights = [], [], []
+    for logits, batch in evaluation.dev_logits(model.apply, {"params": params}, task,
+                                               ("word_ids", "char_ids", "word_mask")):
+        preds.append(logits.argmax(-1))
+        labels.append(batch["word_labels"])
+        weights.append(batch["example_weight"])
+    reloaded = evaluation.task_metrics(task, preds, labels, np.concatenate(weights))
+    exported = saved["best"] if saved["exported_step"] == saved["best"]["step"] else saved["final"]
+    for key in ("span_f1", "token_accuracy"):
+        assert reloaded[key] == pytest.approx(exported[key], abs=1e-6)
+
+
+def test_token_task_bad_input_fails_before_training(tiny_ner_teacher_dir, tmp_path):
+    def run(student, name, teacher=tiny_ner_teacher_dir, base_task="synthetic_ner", **overrides):
+        config = _config(student, teacher, base_task=base_task, **{**TAGGER_TINY, **overrides})
+        distill.distill_and_evaluate(config, str(tmp_path / name))
+
+    with pytest.raises(ValueError, match="token task.*CNN-LSTM tagger"):
+        run("bilstm", "bilstm", base_task="synthetic", task="synthetic_ner")
+    with pytest.raises(ValueError, match="sequence task.*CNN-LSTM student tags words"):
+        run("cnn_lstm", "sequence", task="synthetic")
+    with pytest.raises(config_validation.ConfigError, match="augment"):
+        run("cnn_lstm", "augment", **{"augment.n_per_example": 1})
+
+    def edited_teacher(name, **changes):  # the tiny NER teacher with its saved metadata changed
+        path = tmp_path / name
+        shutil.copytree(tiny_ner_teacher_dir, path)
+        meta = json.loads((path / "config.json").read_text())
+        meta["extra"].update(changes)
+        (path / "config.json").write_text(json.dumps(meta))
+        return str(path)
+
+    names = list(models.read_meta(tiny_ner_teacher_dir)["extra"]["label_names"])
+    names[1], names[2] = names[2], names[1]  # same tags, another order: the logits would mean other tags
+    with pytest.raises(ValueError, match="label sets differ"):
+        run("cnn_lstm", "labels", teacher=edited_teacher("swapped", label_names=names))
+    with pytest.raises(ValueError, match="fine-tuned on a sequence task"):
+        run("cnn_lstm", "kind", teacher=edited_teacher("sequence_teacher", kind="sequence"))
+    assert not any((tmp_path / n).exists() for n in ("bilstm", "sequence", "augment", "labels", "kind"))

@@ -13,6 +13,9 @@ first sub-token (the data's ``word_start_index``, the position the teacher's own
 holds word-level logits float32 [N, max_length, C] (zeros past each sentence). The soft-target and gold-label
 terms are means over real words (``word_mask``); padded words never enter the loss.
 
+``config.qat.enabled`` trains the student quantization-aware (:mod:`experiments.qat`: scales calibrated once on
+transfer batches, then fake quantization in every step; ``model/quant_state.npz`` saved with the student).
+
 Writes, like fine-tuning, ``checkpoints/``, ``metrics.jsonl``, ``results.json`` and ``model/`` (a
 self-describing model directory with its tokenizer, or its word (and character) vocabulary) into ``workdir``.
 """
@@ -34,7 +37,7 @@ from absl import logging
 import models
 from compression.distillation import augment, losses, presets
 from compression.pruning.compaction import keep_layers
-from experiments import config_validation, evaluation, loop, observe, trainer
+from experiments import config_validation, evaluation, loop, observe, qat, trainer
 from experiments.config_validation import Field
 from experiments.configs.finetune import FINETUNE_ONLY
 from experiments.data import Split, TaskData, load_task
@@ -425,8 +428,10 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
                 batch["teacher_logits"] = rows[:, :batch["word_mask"].shape[1]] if tagger else rows
             yield {k: batch[k] for k in feed}
 
-    loss_fn = (tagger_distillation_loss if tagger else distillation_loss)(student.apply, preset)
-    eval_step = par.compile(trainer.make_eval_step(trainer.classification_predict(student.apply)))
+    student_apply, quant_state = qat.quantization_aware(config.qat, student.apply, params, train, inputs,
+                                                        config.batch_size, config.seed)
+    loss_fn = (tagger_distillation_loss if tagger else distillation_loss)(student_apply, preset)
+    eval_step = par.compile(trainer.make_eval_step(trainer.classification_predict(student_apply)))
     settings = loop.LoopSettings(
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every_steps=config.log_every_steps,
         eval_every_steps=config.eval_every_steps, checkpoint_every_steps=config.checkpoint.every_steps,
@@ -463,7 +468,10 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
                     extra={"task": task.name, "kind": task.kind, "label_names": list(task.label_names),
                            "max_length": config.max_length, "step": result.exported_step,
                            "distilled_from": config.teacher_dir, "preset": config.distill.preset,
-                           "eval": result.best if result.exported_step == result.best.get("step") else result.final})
+                           "eval": result.best if result.exported_step == result.best.get("step") else result.final,
+                           **(qat.model_extra(config.qat) if quant_state is not None else {})})
+        if quant_state is not None:
+            qat.save_state(os.path.join(workdir, "model"), quant_state)
         logging.info("done: %d steps in %.1f s (%.1f s this piece); final %s; best %s; results in %s",
                      result.steps, wall, time.time() - start_time, result.final, result.best, results_path)
     return {"final": result.final, "best": result.best, "steps": result.steps, "wall_time_s": wall, **extra}

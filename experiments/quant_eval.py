@@ -62,10 +62,10 @@ from compression import quantization as q
 from compression.quantization.int8 import runs_in_int8
 from compression.quantization.rules import trace_targets
 from experiments import evaluation, export
+from experiments.qat import QUANT_STATE_FILE
 from experiments.benchmarks import common
 from experiments.data import TaskData
 
-QUANT_STATE_FILE = "quant_state.npz"  # the "quant" collection a QAT model directory holds beside its params
 
 
 def calibration_batches(task: TaskData, inputs: Sequence[str], examples: int, batch_size: int,

@@ -46,7 +46,7 @@ INITS = ("first", "every_other")
 FROZEN_REGEX = r"^(?!.*(^|/)successor(/|$))"
 
 THESEUS_SCHEMA = {
-    **{k: v for k, v in config_validation.FINETUNE_SCHEMA.items() if k not in FINETUNE_ONLY},
+    **{k: v for k, v in config_validation.FINETUNE_SCHEMA.items() if k not in FINETUNE_ONLY + ("qat",)},
     "job": Field(str, choices=("theseus",)),
     "teacher_dir": Field(str),
     "theseus": {

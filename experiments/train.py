@@ -15,10 +15,8 @@ continues the same trajectory. It writes into ``workdir``::
 written by this job (``models.save``; its head is kept, so the task must have the same labels): the second
 continues training a fine-tuned model, which is how quantization-aware training (``config.qat``) runs.
 
-Quantization-aware training (``config.qat.enabled``): the activation scales are calibrated once on training
-batches (post-training calibration, ``config.qat.calibrator``) and then held fixed while the weights train
-through straight-through fake quantization (``compression.quantization.fake_quant``, per-channel weight scales
-recomputed every step); dev metrics during and after training are those of the fake-quantized model.
+Quantization-aware training (``config.qat.enabled``): see :mod:`experiments.qat`; dev metrics during and after
+training are those of the fake-quantized model.
 
 Depth (``config.layers``): ``init`` ``"every_other"`` fine-tunes only the pretrained layers 0, 2, 4, ... (a
 half-depth model, the baseline LayerDrop is compared with); ``layerdrop`` > 0 trains with LayerDrop (Fan et al.
@@ -43,10 +41,9 @@ from jax.experimental import multihost_utils
 
 import models
 from compression import loss_scale, precision
-from compression import quantization as quant
 from compression.pruning import compaction, layerdrop
 from models import hf
-from experiments import config_validation, evaluation, loop, observe, trainer
+from experiments import config_validation, evaluation, loop, observe, qat, trainer
 from experiments.loop import NonFiniteLossError  # noqa: F401  (raised by the loop; part of this module's API)
 from experiments.data import TaskData, load_task
 from experiments.parallel import DataParallel
@@ -54,7 +51,6 @@ from models.transformer import Transformer, TransformerConfig
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "example_weight")
 WORD_LEVEL_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
-QUANT_STATE_FILE = "quant_state.npz"  # the calibrated "quant" collection saved beside a QAT model's params
 
 
 # -- inputs and model ------------------------------------------------------------------------------------
@@ -153,29 +149,6 @@ def _saved_model(config, task: TaskData, head: str) -> tuple[TransformerConfig, 
     return model_cfg, params
 
 
-def _quantization_aware(config, task: TaskData, model: Transformer, params) -> tuple[Any, dict | None]:
-    """(apply function, calibrated ``quant`` collection): fake-quantized with fixed calibrated activation
-    scales when ``config.qat.enabled``, else ``model.apply`` and ``None``."""
-    if not config.qat.enabled:
-        return model.apply, None
-    from experiments import export  # calibration batches and the quant-state file format live there
-
-    calib = export.calibration_batches(task.train, config.qat.calibration_batches, config.batch_size,
-                                       seed=config.seed)
-    if len(calib) < config.qat.calibration_batches:
-        raise ValueError(f"config.qat.calibration_batches={config.qat.calibration_batches} but the train split "
-                         f"has only {len(calib)} batches of {config.batch_size}")
-    logging.info("QAT: calibrating activation scales (%s) on %d train batches", config.qat.calibrator, len(calib))
-    quant_state = quant.post_training_quantize(model.apply, params, calib, config.qat.calibrator,
-                                               inputs=evaluation.TRANSFORMER_INPUTS)[quant.QUANT]
-    fake_quant_apply = quant.fake_quant(scales="fixed").wrap(model.apply)
-
-    def apply_fn(variables, *args, **kwargs):
-        return fake_quant_apply({**variables, quant.QUANT: quant_state}, *args, **kwargs)
-
-    return apply_fn, quant_state
-
-
 def _with_layerdrop(apply_fn, rate: float):
     """``apply_fn`` with LayerDrop at ``rate`` in training (when a dropout RNG is passed); unchanged if 0."""
     if rate == 0.0:
@@ -233,7 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.layers.init == "every_other":
         model_cfg, params = compaction.keep_layers(model_cfg, params, layerdrop.every_other(model_cfg.num_layers))
     model = Transformer(model_cfg)
-    base_apply, quant_state = _quantization_aware(config, task, model, params)
+    base_apply, quant_state = qat.quantization_aware(config.qat, model.apply, params, task.train,
+                                                     evaluation.TRANSFORMER_INPUTS, config.batch_size, config.seed)
     apply_fn = policy.wrap(_with_layerdrop(base_apply, config.layers.layerdrop))
     steps_per_epoch = task.train.num_batches(config.batch_size, drop_remainder=True)
     if steps_per_epoch == 0:
@@ -286,12 +260,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     extra={"task": task.name, "kind": task.kind, "label_names": list(task.label_names),
                            "max_length": config.max_length, "step": exported_step, "eval": best
                            if exported_step == best.get("step") else final,
-                           **({"qat": {"calibrator": config.qat.calibrator, "quant_state": QUANT_STATE_FILE}}
-                              if quant_state is not None else {})},
+                           **(qat.model_extra(config.qat) if quant_state is not None else {})},
                     overwrite=True)
         if quant_state is not None:
-            from experiments import export
-            export.save_quant_state(os.path.join(workdir, "model", QUANT_STATE_FILE), quant_state)
+            qat.save_state(os.path.join(workdir, "model"), quant_state)
         logging.info("done: %d steps in %.1f s; final %s; best %s; results in %s", step, wall, final, best,
                      results_path)
     if jax.process_count() > 1:

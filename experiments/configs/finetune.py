@@ -40,7 +40,7 @@ from ml_collections import config_dict
 DATA_FOLDERS = {"sst2": "sst2", "mrpc": "mrpc", "rte": "rte", "wikiann": "wikiann_en", "wnut17": "wnut17"}
 TASKS = ("synthetic",) + tuple(DATA_FOLDERS)
 # Fields that say how the fine-tuned model is built; jobs that start from a saved model drop them.
-FINETUNE_ONLY = ("model", "model_dir", "layers", "qat")
+FINETUNE_ONLY = ("model", "model_dir", "layers")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -34,7 +34,7 @@ def get_config(arg: str = "synthetic,linear") -> ml_collections.ConfigDict:
     if rest not in ([], ["mqa"]):
         raise ValueError(f"unexpected {','.join(rest)!r} in theseus.py:{arg}; the optional third part is 'mqa'")
     c = finetune.get_config(task)
-    for name in finetune.FINETUNE_ONLY:  # fine-tuning fields this job does not read
+    for name in finetune.FINETUNE_ONLY + ("qat",):  # fine-tuning fields this job does not read
         del c[name]
     c.job = "theseus"  # experiments.main runs experiments.theseus.theseus_and_evaluate
     c.teacher_dir = finetune._optional_str(None)  # model directory of the fine-tuned predecessor; required

@@ -12,7 +12,8 @@ from models.io import tree_equal
 from compression import quantization as q
 from experiments import evaluation, export
 from experiments.data import load_task
-from experiments.train import QUANT_STATE_FILE, train_and_evaluate
+from experiments.qat import QUANT_STATE_FILE
+from experiments.train import train_and_evaluate
 from tests.experiments.tiny import TINY, tiny_config
 
 CALIB_BATCHES = 2
@@ -74,3 +75,34 @@ def test_saved_model_with_another_head_is_refused(tiny_teacher_dir, tmp_path):
     config = tiny_config(task="synthetic_ner", model_dir=tiny_teacher_dir, checkpoint__best_metric="span_f1")
     with pytest.raises(ValueError, match="needs a token head"):
         train_and_evaluate(config, str(tmp_path))
+
+
+def test_distilled_bilstm_trains_quantization_aware(tiny_teacher_dir, tmp_path):
+    """QAT through the distillation job: the student's LSTM input projection (encoder), MLP and classifier get
+    calibrated scales, and the job's dev metrics are the fake-quantized student's with the saved state."""
+    from experiments import distill
+    from experiments.configs import distill as distill_configs
+
+    config = distill_configs.get_config("synthetic,bilstm")
+    for key, value in {"synthetic_size": TINY["synthetic_size"], "batch_size": 16, "eval_batch_size": 32,
+                       "num_train_steps": 8, "eval_every_steps": 8, "checkpoint.every_steps": 8,
+                       "max_length": TINY["max_length"], "progress_bar": "off", "student.embed_dim": 16,
+                       "student.hidden_size": 8, "student.mlp_hidden": 8, "qat.enabled": True,
+                       "qat.calibration_batches": CALIB_BATCHES}.items():
+        node = config
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    config.teacher_dir = tiny_teacher_dir
+    results = distill.distill_and_evaluate(config, str(tmp_path))
+    model_dir = os.path.join(tmp_path, "model")
+    quant = export.load_quant_state(os.path.join(model_dir, QUANT_STATE_FILE))
+    scaled = [path for path, _ in jax.tree_util.tree_leaves_with_path(quant)]
+    assert any("encoder" in jax.tree_util.keystr(p) for p in scaled) and any(
+        "classifier" in jax.tree_util.keystr(p) for p in scaled)
+    model, _, params, task = evaluation.load_model_task(model_dir, synthetic_size=TINY["synthetic_size"])
+    inputs = evaluation.model_inputs(task, "bilstm")
+    metrics = evaluation.dev_metrics(q.fake_quant().wrap(model.apply), {"params": params, q.QUANT: quant}, task,
+                                     inputs)
+    assert results["final"]["accuracy"] == pytest.approx(metrics["accuracy"])

@@ -101,8 +101,9 @@ def expected_sparsity(gates: dict, site_filter: str | None = None) -> jax.Array:
 
 def lagrangian_penalty(sparsity: jax.Array, target: float, lambda_1: jax.Array, lambda_2: jax.Array) -> jax.Array:
     """lambda_1 (s - t) + lambda_2 (s - t)^2; minimise over gates, maximise over the lambdas (negate their
-    gradients, e.g. ``optax.scale(-1)`` in their optimizer)."""
-    if not 0.0 <= target < 1.0:
+    gradients, e.g. ``optax.scale(-1)`` in their optimizer). ``target`` may be traced (a ramp inside a jitted
+    step); its range is then the caller's to check."""
+    if not isinstance(target, jax.core.Tracer) and not 0.0 <= target < 1.0:
         raise ValueError(f"target sparsity must be in [0, 1), got {target}")
     gap = sparsity - target
     return lambda_1 * gap + lambda_2 * gap * gap

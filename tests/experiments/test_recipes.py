@@ -122,3 +122,17 @@ def test_a_workdir_of_another_recipe_is_refused(tmp_path):
                                                             "sources": {"teacher": None}, "task": "sst2"}))
     with pytest.raises(recipes.RecipeError, match="different recipe"):
         recipes.run_recipe(tiny_recipe("teacher,bilstm"), str(tmp_path / "w"))
+
+
+def test_sst2_profile_pairs_each_student_with_its_no_distillation_baseline():
+    c = recipe_configs.get_config("sst2")
+    names = recipes.check_recipe(c)
+    c.data_dir = "/data/sst2"  # linked into every training stage
+    for student in ("transformer3", "bilstm"):
+        assert names.index(f"{student}_nokd") > names.index("teacher")
+        kd, base = c[student].config, c[f"{student}_nokd"].config
+        assert base.distill.preset == "none" and base.augment.n_per_example == 0
+        assert kd.distill.preset != "none"
+        assert kd.student == base.student and kd.optimizer == base.optimizer
+        assert (kd.num_train_steps, kd.num_epochs, base.data_dir) == (base.num_train_steps, base.num_epochs,
+                                                                      "/data/sst2")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 
@@ -409,12 +408,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
         student_cfg, params = cnn_lstm_student(task, s, init_key)
     student = models.model_class(student_cfg.family)(student_cfg)
 
-    steps_per_epoch = train.num_batches(config.batch_size, drop_remainder=True)
-    total_steps = (config.num_train_steps if config.num_train_steps > 0
-                   else math.ceil(config.num_epochs * steps_per_epoch))
-    if steps_per_epoch == 0 or total_steps < 1:
-        raise config_validation.ConfigError(f"no training steps: {len(train)} transfer examples, batch "
-                                            f"{config.batch_size}, {config.num_epochs} epochs")
+    steps_per_epoch, total_steps = loop.run_length(config, train)
     tx, schedule = trainer.optimizer_from_config(config.optimizer, params, total_steps)
     state = loop.host_state(jax.jit(lambda p, k: trainer.TrainState.create(p, tx, k))(params, train_key))
     feed = inputs + ("labels", "example_weight") + (("teacher_logits", "has_label") if preset is not None else ())
@@ -432,12 +426,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
                                                         config.batch_size, config.seed)
     loss_fn = (tagger_distillation_loss if tagger else distillation_loss)(student_apply, preset)
     eval_step = par.compile(trainer.make_eval_step(trainer.classification_predict(student_apply)))
-    settings = loop.LoopSettings(
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every_steps=config.log_every_steps,
-        eval_every_steps=config.eval_every_steps, checkpoint_every_steps=config.checkpoint.every_steps,
-        keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric, headline_metric=task.metric_names[0],
-        best_mode=config.checkpoint.best_mode,
-        async_save=config.checkpoint.async_save, export=config.export, progress_bar=config.progress_bar)
+    settings = loop.LoopSettings.from_config(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                             headline_metric=task.metric_names[0])
     result = loop.fit(
         workdir, par=par, state=state, settings=settings,
         train_step=trainer.make_train_step(loss_fn, tx, steps_per_epoch, schedule),

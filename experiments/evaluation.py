@@ -59,6 +59,21 @@ def model_inputs(task: TaskData, family: str) -> tuple[str, ...]:
     return ("word_ids", "word_mask") + (("word_ids_b", "word_mask_b") if task.is_pair else ())
 
 
+def calibration_batches(split, inputs: tuple[str, ...], num_batches: int, batch_size: int = 32,
+                        seed: int = 0) -> list[dict]:
+    """``num_batches`` shuffled full batches of ``split`` (a :class:`~experiments.data.Split`; its ``inputs`` keys
+    only), for calibrating int8 activation scales. Raises ValueError if the split has fewer full batches."""
+    if num_batches < 1:
+        raise ValueError(f"calibration needs at least one batch, got num_batches={num_batches}")
+    out = []
+    for batch in split.batches(batch_size, shuffle=True, seed=seed, drop_remainder=True):
+        out.append({k: batch[k] for k in inputs})
+        if len(out) == num_batches:
+            return out
+    raise ValueError(f"{num_batches} calibration batches of {batch_size} requested, but {split.name} has only "
+                     f"{len(out)} full batches")
+
+
 def _vocab(model_dir: str, cls, file: str):
     path = os.path.join(model_dir, file)
     if not os.path.isfile(path):

@@ -98,19 +98,6 @@ def load_quant_state(path: str) -> dict:
     return unflatten_params(flat)
 
 
-def calibration_batches(split, num_batches: int, batch_size: int = 32, seed: int = 0) -> list[dict]:
-    """``num_batches`` shuffled batches of a :class:`~experiments.data.Split` encoded for the Transformer
-    (``input_ids``, ``attention_mask``, ``token_type_ids``), for int8 calibration."""
-    if num_batches < 1:
-        raise ExportError(f"calib_batches must be >= 1, got {num_batches}")
-    out = []
-    for b in split.batches(batch_size, shuffle=True, seed=seed, drop_remainder=True):
-        out.append({k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
-        if len(out) == num_batches:
-            break
-    return out
-
-
 def output_fields(apply_fn, keep: Sequence[str] | None = None):
     """``apply_fn`` returning a dict of its output dataclass's fields (those in ``keep``, default all),
     without the ``None`` ones: the ONNX outputs are named by these keys."""
@@ -207,9 +194,11 @@ def main(argv=None):
         if args.quant_state:
             quant_state = load_quant_state(args.quant_state)
         elif args.calib_task:
+            from experiments import evaluation
             from experiments.data import load_task
             data = load_task(args.calib_task, args.calib_data, tokenizer=args.model, max_length=args.max_length)
-            calibration = calibration_batches(data.train, args.calib_batches, args.calib_batch_size)
+            calibration = evaluation.calibration_batches(data.train, evaluation.TRANSFORMER_INPUTS,
+                                                         args.calib_batches, args.calib_batch_size)
     report = export_model_dir(args.model, args.out, precisions, calibration=calibration, quant_state=quant_state,
                               calib_method=args.calib_method, overwrite=args.overwrite)
     for name, info in report["files"].items():

@@ -24,7 +24,7 @@ import models
 from compression.export import ExportError
 from experiments import evaluation
 from experiments.benchmarks.common import print_table, write_json
-from experiments.export import calibration_batches, export_model_dir
+from experiments.export import export_model_dir
 from experiments.metrics import classification_metrics
 
 INPUTS = evaluation.TRANSFORMER_INPUTS
@@ -66,7 +66,7 @@ def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: s
         raise ExportError(f"the model has {config.num_labels} labels, task {task!r} has {data.num_labels}")
     qvars = None
     if "int8" in precisions:
-        calibration = calibration_batches(data.train, calib_batches, batch_size)
+        calibration = evaluation.calibration_batches(data.train, INPUTS, calib_batches, batch_size)
         qvars = q.calibrate(model.apply, {"params": params}, calibration, method=calib_method)
     report = export_model_dir(model_dir, out_dir, precisions, quant_state=qvars and qvars[q.QUANT],
                               outputs=["logits"], overwrite=overwrite)

@@ -45,7 +45,6 @@ earlier "best" checkpoint would not meet the targets.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -310,12 +309,7 @@ def l0_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             (len(task.train), task.num_labels))
 
     par = DataParallel(config.parallelism)
-    steps_per_epoch = train.num_batches(config.batch_size, drop_remainder=True)
-    total_steps = (config.num_train_steps if config.num_train_steps > 0
-                   else math.ceil(config.num_epochs * steps_per_epoch))
-    if steps_per_epoch == 0 or total_steps < 1:
-        raise config_validation.ConfigError(f"no training steps: {len(train)} examples, batch {config.batch_size}, "
-                                            f"{config.num_epochs} epochs")
+    steps_per_epoch, total_steps = loop.run_length(config, train)
     warmup_steps = round(c0.warmup_fraction * total_steps)
     tx, lr_schedule = l0_optimizer(config.optimizer, c0, tree, total_steps)
     state = loop.host_state(jax.jit(lambda p, k: trainer.TrainState.create(p, tx, k))(tree, train_key))
@@ -337,12 +331,8 @@ def l0_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     targets = {kind: c0[f"target_{kind}"] for kind in SITES}
     eval_step = par.compile(trainer.make_eval_step(l0_predict(gated_apply)))
-    cc = config.checkpoint
-    settings = loop.LoopSettings(
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every_steps=config.log_every_steps,
-        eval_every_steps=config.eval_every_steps, checkpoint_every_steps=cc.every_steps, keep=cc.keep,
-        best_metric=cc.best_metric, headline_metric=task.metric_names[0], best_mode=cc.best_mode,
-        async_save=cc.async_save, export=config.export, progress_bar=config.progress_bar)
+    settings = loop.LoopSettings.from_config(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                             headline_metric=task.metric_names[0])
     result = loop.fit(
         workdir, par=par, state=state, settings=settings,
         train_step=trainer.make_train_step(l0_loss(gated_apply, preset, targets), tx, steps_per_epoch, lr_schedule),

@@ -22,6 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from experiments import checkpointing, evaluation, observe
+from experiments.config_validation import ConfigError
 from experiments.data import TaskData
 from experiments.parallel import DataParallel, is_key
 from experiments.trainer import TrainState
@@ -55,6 +56,31 @@ class LoopSettings:
     export: str = "best"
     progress_bar: str = "auto"
     minimum_loss_scale: float = 1.0
+
+    @classmethod
+    def from_config(cls, config, *, total_steps: int, steps_per_epoch: int, headline_metric: str | None,
+                    **overrides) -> "LoopSettings":
+        """The settings a job config's common fields give (``log_every_steps``, ``eval_every_steps``,
+        ``checkpoint.*``, ``export``, ``progress_bar``); ``overrides`` set the remaining fields."""
+        cc = config.checkpoint
+        return cls(total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every_steps=config.log_every_steps,
+                   eval_every_steps=config.eval_every_steps, checkpoint_every_steps=cc.every_steps, keep=cc.keep,
+                   best_metric=cc.best_metric, headline_metric=headline_metric, best_mode=cc.best_mode,
+                   async_save=cc.async_save, export=config.export, progress_bar=config.progress_bar, **overrides)
+
+
+def run_length(config, train) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)`` of a job over the ``train`` split: ``config.num_train_steps`` when
+    positive, else ``ceil(config.num_epochs * steps_per_epoch)``; full batches of ``config.batch_size`` only.
+    Raises ConfigError, before any work, when the run would have no step."""
+    steps_per_epoch = train.num_batches(config.batch_size, drop_remainder=True)
+    total_steps = (config.num_train_steps if config.num_train_steps > 0
+                   else math.ceil(config.num_epochs * steps_per_epoch))
+    if steps_per_epoch == 0 or total_steps < 1:
+        raise ConfigError(f"no training steps: {train.name} has {len(train)} examples for batches of "
+                          f"{config.batch_size}, num_epochs={config.num_epochs}, "
+                          f"num_train_steps={config.num_train_steps}")
+    return steps_per_epoch, total_steps
 
 
 @dataclasses.dataclass

@@ -22,18 +22,6 @@ from experiments.data import Split
 QUANT_STATE_FILE = "quant_state.npz"  # the calibrated "quant" collection saved beside a QAT model's params
 
 
-def calibration_batches(split: Split, inputs: Sequence[str], num_batches: int, batch_size: int,
-                        seed: int) -> list[dict]:
-    """``num_batches`` shuffled full batches of ``split`` (the model's ``inputs`` keys only), for calibration."""
-    out = []
-    for batch in split.batches(batch_size, shuffle=True, seed=seed, drop_remainder=True):
-        out.append({k: batch[k] for k in inputs})
-        if len(out) == num_batches:
-            return out
-    raise ValueError(f"config.qat.calibration_batches={num_batches} but the train split has only {len(out)} "
-                     f"batches of {batch_size}")
-
-
 def quantization_aware(qat_config, apply_fn: Callable, params, split: Split, inputs: Sequence[str],
                        batch_size: int, seed: int) -> tuple[Callable, dict | None]:
     """(apply function, calibrated ``quant`` collection): ``apply_fn`` fake-quantized with the scales calibrated
@@ -44,7 +32,7 @@ def quantization_aware(qat_config, apply_fn: Callable, params, split: Split, inp
     """
     if not qat_config.enabled:
         return apply_fn, None
-    calib = calibration_batches(split, inputs, qat_config.calibration_batches, batch_size, seed)
+    calib = evaluation.calibration_batches(split, tuple(inputs), qat_config.calibration_batches, batch_size, seed)
     logging.info("QAT: calibrating activation scales (%s) on %d train batches", qat_config.calibrator, len(calib))
     quant_state = quant.post_training_quantize(evaluation.batch_apply(apply_fn, tuple(inputs)), params, calib,
                                                qat_config.calibrator)[quant.QUANT]

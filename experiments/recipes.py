@@ -158,25 +158,26 @@ def _write_results(stage_dir: str, results: dict) -> None:
 def quantize_stage(model_dir: str, task, stage_dir: str, *, calibrator: str, calibration_batches: int,
                    seed: int = 0) -> dict:
     """Post-training int8 of a Transformer: calibrate on training batches, score the fake-quantized and the
-    real int8 model on dev; writes the ``quant`` collection (``quant_state.npz``) for export and the report."""
+    real int8 model on dev; writes the ``quant`` collection (:data:`~experiments.qat.QUANT_STATE_FILE`) for export and the report."""
     import models
     from compression import quantization as q
     from experiments import evaluation, export
+    from experiments.qat import QUANT_STATE_FILE
 
     model, _, params = models.load(model_dir)
     inputs = evaluation.TRANSFORMER_INPUTS
-    calib = export.calibration_batches(task.train, calibration_batches, seed=seed)
+    calib = evaluation.calibration_batches(task.train, inputs, calibration_batches, seed=seed)
     variables = q.post_training_quantize(model.apply, params, calib, calibrator, inputs=inputs)
     fp32 = evaluation.dev_metrics(model.apply, {"params": params}, task, inputs)
     fake = evaluation.dev_metrics(q.fake_quant().wrap(model.apply), variables, task, inputs)
     v8 = q.int8_variables(model.apply, variables, calib[0], inputs=inputs)
     real = evaluation.dev_metrics(q.int8().wrap(model.apply), v8, task, inputs)
     os.makedirs(stage_dir, exist_ok=True)
-    export.save_quant_state(os.path.join(stage_dir, "quant_state.npz"), variables[q.QUANT])
+    export.save_quant_state(os.path.join(stage_dir, QUANT_STATE_FILE), variables[q.QUANT])
     name = task.metric_names[0]
     results = {"source_model": model_dir, "calibrator": calibrator, "metric_names": task.metric_names,
                "float32": fp32, "fake_quant": fake, "int8": real, "final": real, "best": real,
-               "variants": [{"kind": "int8", "source_model": model_dir, "quant_state": "quant_state.npz",
+               "variants": [{"kind": "int8", "source_model": model_dir, "quant_state": QUANT_STATE_FILE,
                              "metric_name": name, "metric": real[name]}]}
     _write_results(stage_dir, results)
     return results
@@ -186,6 +187,7 @@ def export_stage(config, sources: list[str], workdir: str, stage_dir: str, preci
     """ONNX files of each source stage's model (``stage_dir/<source>/``) with parity reports; int8 Q/DQ for a
     Transformer uses the calibration of the recipe's quantize stage on the same model when there is one."""
     from experiments import export
+    from experiments.qat import QUANT_STATE_FILE
 
     results = {"models": {}}
     for src in sources:
@@ -194,7 +196,7 @@ def export_stage(config, sources: list[str], workdir: str, stage_dir: str, preci
         for name in stage_names(config):
             st = config[name]
             if st.kind == "quantize" and st.source == src:
-                quant_state = export.load_quant_state(os.path.join(workdir, name, "quant_state.npz"))
+                quant_state = export.load_quant_state(os.path.join(workdir, name, QUANT_STATE_FILE))
                 wanted.append("int8")
         report = export.export_model_dir(model_dir, os.path.join(stage_dir, src), wanted, quant_state=quant_state,
                                          overwrite=True)

@@ -20,7 +20,6 @@ fine-tuning, ``checkpoints/``, ``metrics.jsonl``, ``results.json`` and ``model/`
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -132,12 +131,7 @@ def theseus_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
     os.makedirs(workdir, exist_ok=True)
 
     par = DataParallel(config.parallelism)
-    steps_per_epoch = task.train.num_batches(config.batch_size, drop_remainder=True)
-    total_steps = (config.num_train_steps if config.num_train_steps > 0
-                   else math.ceil(config.num_epochs * steps_per_epoch))
-    if steps_per_epoch == 0 or total_steps < 1:
-        raise config_validation.ConfigError(f"no training steps: {len(task.train)} examples, batch "
-                                            f"{config.batch_size}, {config.num_epochs} epochs")
+    steps_per_epoch, total_steps = loop.run_length(config, task.train)
     schedule_p = replacement_schedule(t, total_steps)
     opt = config.optimizer.to_dict()
     opt["freeze_regex"] = "|".join(r for r in (FROZEN_REGEX, opt["freeze_regex"]) if r)
@@ -159,12 +153,8 @@ def theseus_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
             yield out
 
     eval_step = par.compile(trainer.make_eval_step(trainer.classification_predict(model.apply)))  # successor
-    cc = config.checkpoint
-    settings = loop.LoopSettings(
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every_steps=config.log_every_steps,
-        eval_every_steps=config.eval_every_steps, checkpoint_every_steps=cc.every_steps, keep=cc.keep,
-        best_metric=cc.best_metric, headline_metric=task.metric_names[0], best_mode=cc.best_mode,
-        async_save=cc.async_save, export=config.export, progress_bar=config.progress_bar)
+    settings = loop.LoopSettings.from_config(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                             headline_metric=task.metric_names[0])
     result = loop.fit(
         workdir, par=par, state=state, settings=settings,
         train_step=trainer.make_train_step(theseus_loss(model), tx, steps_per_epoch, lr_schedule),

@@ -29,7 +29,6 @@ Config fields are documented in ``experiments/configs/finetune.py`` and checked 
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -209,27 +208,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     base_apply, quant_state = qat.quantization_aware(config.qat, model.apply, params, task.train,
                                                      evaluation.TRANSFORMER_INPUTS, config.batch_size, config.seed)
     apply_fn = policy.wrap(_with_layerdrop(base_apply, config.layers.layerdrop))
-    steps_per_epoch = task.train.num_batches(config.batch_size, drop_remainder=True)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{task.train!r} has fewer examples than one batch of {config.batch_size}")
-    total_steps = (config.num_train_steps if config.num_train_steps > 0
-                   else math.ceil(config.num_epochs * steps_per_epoch))
-    if total_steps < 1:
-        raise config_validation.ConfigError("the run has no steps: set num_epochs > 0 or num_train_steps >= 1")
+    steps_per_epoch, total_steps = loop.run_length(config, task.train)
     tx, schedule = trainer.optimizer_from_config(config.optimizer, params, total_steps)
     state = jax.jit(lambda p, k, d: trainer.TrainState.create(p, tx, k, dynamic_scale=d))(
         params, train_key, dynamic_scale)
     state = loop.host_state(state)
 
-    cc = config.checkpoint
     loss_fn = trainer.classification_loss(apply_fn)
     eval_step = par.compile(trainer.make_eval_step(trainer.classification_predict(apply_fn)))
-    settings = loop.LoopSettings(
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every_steps=config.log_every_steps,
-        eval_every_steps=config.eval_every_steps, checkpoint_every_steps=cc.every_steps, keep=cc.keep,
-        best_metric=cc.best_metric, headline_metric=task.metric_names[0], best_mode=cc.best_mode,
-        async_save=cc.async_save, export=config.export, progress_bar=config.progress_bar,
-        minimum_loss_scale=ls.minimum_scale)
+    settings = loop.LoopSettings.from_config(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                             headline_metric=task.metric_names[0],
+                                             minimum_loss_scale=ls.minimum_scale)
 
     def train_batches(epoch: int, start_batch: int):
         for batch in task.train.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,

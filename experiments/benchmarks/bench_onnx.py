@@ -133,7 +133,8 @@ def main(argv=None):
 
     from compression import quantization as q
     from compression.export import INT8_VS_FAKE_QUANT, export, onnxruntime_bert_fusion
-    from experiments.export import calibration_batches, output_fields
+    from experiments.evaluation import TRANSFORMER_INPUTS, calibration_batches
+    from experiments.export import output_fields
     from models.hf import load_bert
     from models.transformer import Transformer
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -154,7 +155,7 @@ def main(argv=None):
              "torch_fp32": os.path.join(work, "torch_fp32.onnx")}
     reports = {"ours_fp32": export(fn, variables, example, files["ours_fp32"], dim_constraints=constraints)}
     if data is not None:
-        calib = calibration_batches(data.train, args.calib_batches)
+        calib = calibration_batches(data.train, TRANSFORMER_INPUTS, args.calib_batches)
     else:
         calib = sentences[:args.calib_batches]
     qvars = q.calibrate(model.apply, variables, calib, method=args.calib_method)

@@ -17,7 +17,7 @@ from experiments import config_validation, evaluation, l0
 from experiments.configs import l0 as l0_configs
 from experiments.data import load_task
 from models.bilstm import BiLSTMConfig
-from tests.experiments.tiny import TINY
+from tests.experiments.tiny import TINY, tiny_job
 
 STEPS = 8
 
@@ -28,14 +28,7 @@ def _config(teacher_dir, arg="synthetic", **l0_fields):
     so every layer goes through the all-closed path (one inert head and FFN unit kept) deterministically.
     (The tiny teacher is a fixed point of its loss: all its gates move together, so partial closure is tested on
     hand-set gates below.) The expected sparsity (about 0.79 at the start) stays above the targets."""
-    c = l0_configs.get_config(arg)
-    for key in ("max_length", "synthetic_size", "batch_size", "eval_batch_size", "log_every_steps",
-                "progress_bar"):
-        c[key] = TINY[key]
-    c.teacher_dir = teacher_dir
-    c.num_train_steps = STEPS
-    c.eval_every_steps = STEPS
-    c.checkpoint.every_steps = STEPS
+    c = tiny_job(l0_configs.get_config(arg), teacher_dir, STEPS)
     c.l0.drop_init = 0.95
     c.l0.gate_learning_rate = 0.05
     for k, v in l0_fields.items():

@@ -49,7 +49,7 @@ def test_zero_learning_rate_qat_is_post_training_quantization(tiny_teacher_dir, 
 
     task = _task(tiny_teacher_dir)
     model, _, _ = models.load(tiny_teacher_dir)
-    calib = export.calibration_batches(task.train, CALIB_BATCHES, TINY["batch_size"], seed=0)
+    calib = evaluation.calibration_batches(task.train, evaluation.TRANSFORMER_INPUTS, CALIB_BATCHES, TINY["batch_size"])
     ptq = q.post_training_quantize(model.apply, teacher, calib, "max", inputs=evaluation.TRANSFORMER_INPUTS)
     saved = export.load_quant_state(os.path.join(model_dir, QUANT_STATE_FILE))
     assert jax.tree.structure(saved) == jax.tree.structure(ptq[q.QUANT])

@@ -12,20 +12,13 @@ import models
 from experiments import evaluation, theseus
 from experiments.configs import theseus as theseus_configs
 from experiments.data import load_task
-from tests.experiments.tiny import TINY
+from tests.experiments.tiny import TINY, tiny_job
 
 STEPS = 6
 
 
 def _config(teacher_dir, arg="synthetic,linear", **theseus_fields):
-    c = theseus_configs.get_config(arg)
-    for key in ("max_length", "synthetic_size", "batch_size", "eval_batch_size", "log_every_steps",
-                "progress_bar"):
-        c[key] = TINY[key]
-    c.teacher_dir = teacher_dir
-    c.num_train_steps = STEPS
-    c.eval_every_steps = STEPS
-    c.checkpoint.every_steps = STEPS
+    c = tiny_job(theseus_configs.get_config(arg), teacher_dir, STEPS)
     c.export = "last"
     c.theseus.successor_layers = 1
     for k, v in theseus_fields.items():

@@ -29,6 +29,17 @@ def tiny_config(**overrides):
     return config
 
 
+def tiny_job(config, teacher_dir, steps: int):
+    """A job config with a teacher (distill.py, theseus.py, l0.py) set for a ``steps``-step run on the tiny task
+    of :data:`TINY`, evaluated and checkpointed once at the end; returns ``config``."""
+    for key in ("max_length", "synthetic_size", "batch_size", "eval_batch_size", "log_every_steps",
+                "progress_bar"):
+        config[key] = TINY[key]
+    config.teacher_dir = teacher_dir
+    config.num_train_steps = config.eval_every_steps = config.checkpoint.every_steps = steps
+    return config
+
+
 def tiny_flags(**overrides) -> list[str]:
     """``--config...`` flags for experiments.main with :data:`TINY` and ``overrides`` applied."""
     values = {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}

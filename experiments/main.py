@@ -1,7 +1,7 @@
 """Entry point: ``python -m experiments.main --config=experiments/configs/finetune.py:TASK --workdir=DIR``.
 
 Parses flags and runs the config's job (``config.job``: fine-tuning by default, ``distill``, ``theseus``,
-``l0``, ``recipe``; see :data:`JOBS`); everything else lives in the library.
+``l0``, ``recipe``, ``multitask``; see :data:`JOBS`); everything else lives in the library.
 Override config fields with ``--config.a.b=value``. Multi-host runs join the cluster first: on TPU VMs and
 pod slices pass ``--distributed`` (JAX finds the coordinator); on one machine ``launch/local_multiprocess.py``
 passes ``--coordinator_address``, ``--num_processes``, ``--process_id`` and ``--cpu_collectives=gloo``.
@@ -31,7 +31,8 @@ JOBS = {"finetune": ("experiments.train", "train_and_evaluate"),
         "distill": ("experiments.distill", "distill_and_evaluate"),
         "theseus": ("experiments.theseus", "theseus_and_evaluate"),
         "l0": ("experiments.l0", "l0_and_evaluate"),
-        "recipe": ("experiments.recipes", "run_recipe")}
+        "recipe": ("experiments.recipes", "run_recipe"),
+        "multitask": ("experiments.multitask", "multitask_and_evaluate")}
 
 
 def main(argv):

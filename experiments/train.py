@@ -41,11 +41,11 @@ from jax.experimental import multihost_utils
 import models
 from compression import loss_scale, precision
 from compression.pruning import compaction, layerdrop
-from models import hf
 from experiments import config_validation, evaluation, loop, observe, qat, trainer
-from experiments.loop import NonFiniteLossError  # noqa: F401  (raised by the loop; part of this module's API)
 from experiments.data import TaskData, load_task
+from experiments.loop import NonFiniteLossError  # noqa: F401  (raised by the loop; part of this module's API)
 from experiments.parallel import DataParallel
+from models import hf
 from models.transformer import Transformer, TransformerConfig
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "example_weight")
@@ -61,7 +61,8 @@ def _word_level_tokenizer(task_name: str, config, out_dir: str):
     Words are split as :func:`experiments.data.split_words` splits them (pre-split NER words pass through).
     """
     import tokenizers
-    from tokenizers import models as tok_models, normalizers, pre_tokenizers
+    from tokenizers import models as tok_models
+    from tokenizers import normalizers, pre_tokenizers
 
     probe = load_task(task_name, config.data_dir, word_vocab="build", max_length=config.max_length,
                       seed=config.seed, synthetic_size=config.synthetic_size)
@@ -78,7 +79,7 @@ def _word_level_tokenizer(task_name: str, config, out_dir: str):
     return tok
 
 
-def _is_saved_model(path: str | None) -> bool:
+def is_saved_model(path: str | None) -> bool:
     """Whether ``path`` is a model directory written by ``models.save`` (not a Hugging Face checkpoint)."""
     if not path or not os.path.isfile(os.path.join(path, models.io.CONFIG_FILE)):
         return False
@@ -109,7 +110,7 @@ def _load_inputs(config, workdir: str) -> tuple[TaskData, str, int | None]:
 def _build_model(config, task: TaskData, vocab_size: int | None, key) -> tuple[TransformerConfig, Any]:
     """Pretrained body from ``config.model_dir`` with a fresh head, or a from-scratch ``config.model``."""
     head = "token" if task.kind == "token" else "sequence"
-    if _is_saved_model(config.model_dir):
+    if is_saved_model(config.model_dir):
         return _saved_model(config, task, head)
     if config.model_dir:
         model_cfg, params = hf.load_bert(config.model_dir, head=head, num_labels=task.num_labels,

@@ -13,7 +13,7 @@ from experiments import config_validation, metrics
 from experiments.checkpointing import Checkpointer
 from experiments.data import load_task
 from experiments.train import NonFiniteLossError, train_and_evaluate
-from tests.experiments.tiny import tiny_config
+from tests.experiments.tiny import dev_argmax, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +58,7 @@ def test_saved_model_reproduces_the_final_eval(tiny_run):
     cfg = tiny_config()
     task = load_task("synthetic", tokenizer=str(workdir / "model"), max_length=cfg.max_length,
                      synthetic_size=cfg.synthetic_size, seed=cfg.seed)
-    preds, labels = [], []
-    for batch in task.dev.batches(32, drop_remainder=False):
-        out = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
-                          token_type_ids=batch["token_type_ids"])
-        keep = batch["example_weight"] > 0
-        preds.append(np.argmax(out.logits, -1)[keep])
-        labels.append(batch["labels"][keep])
-    preds, labels = np.concatenate(preds), np.concatenate(labels)
+    preds, labels = dev_argmax(model, params, task)
     results = json.loads((workdir / "results.json").read_text())
     assert len(labels) == len(task.dev)
     assert results["final"]["accuracy"] == pytest.approx(float(np.mean(preds == labels)))

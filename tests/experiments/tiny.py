@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from experiments.configs import finetune
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,6 +29,19 @@ def tiny_config(**overrides):
             node = node[part]
         node[leaf] = value
     return config
+
+
+def dev_argmax(model, params, task) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax predictions, labels) of a Transformer classifier over the real rows of ``task.dev``, computed
+    directly with ``model.apply`` (independently of the evaluation code under test)."""
+    preds, labels = [], []
+    for batch in task.dev.batches(32, drop_remainder=False):
+        out = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                          token_type_ids=batch["token_type_ids"])
+        keep = batch["example_weight"] > 0
+        preds.append(np.argmax(out.logits, -1)[keep])
+        labels.append(batch["labels"][keep])
+    return np.concatenate(preds), np.concatenate(labels)
 
 
 def tiny_job(config, teacher_dir, steps: int):

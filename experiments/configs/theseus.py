@@ -12,8 +12,8 @@ predecessor's heads). The 6-layer MiniLM teacher becomes a 3-layer successor (on
 layers per successor layer), initialised from the teacher's layers 0, 2, 4. Only successor layers train, on
 gold labels (no distillation loss); evaluation and the exported ``model/`` are the successor alone.
 
-Expected on SST-2 (2 CPU cores, 700 steps, about 20-30 minutes): within 1-2 points of the teacher. This is
-an estimate; measured figures are in the README.
+Measured on SST-2 from the MiniLM teacher (0.8933; 700 steps, 13-20 minutes on 2 CPU cores, one seed): linear
+0.8681, constant 0.8647 dev accuracy (the same 3-layer student fine-tuned plainly: 0.8647; see the README).
 """
 
 from __future__ import annotations

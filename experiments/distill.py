@@ -312,11 +312,6 @@ def _check_pairing(family: str, kind: str, subject: str) -> None:
                          "a transformer or bilstm student (e.g. distill.py:sst2,bilstm)")
 
 
-def _teacher_kind(teacher_cfg: TransformerConfig, teacher_meta: dict) -> str:
-    """``"token"`` or ``"sequence"``: what the teacher was fine-tuned on (its saved task kind, else its head)."""
-    return teacher_meta.get("kind") or ("token" if teacher_cfg.head == "token" else "sequence")
-
-
 def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Distils ``config.teacher_dir`` into the configured student in ``workdir``; returns the results dict."""
     config_validation.validate(config, DISTILL_SCHEMA)
@@ -326,9 +321,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
     workdir = os.path.abspath(workdir)
     teacher, teacher_cfg, teacher_params = models.load(config.teacher_dir)
     teacher_meta = models.read_meta(config.teacher_dir)["extra"]
-    if teacher_cfg.family != "transformer":
-        raise ValueError(f"the teacher {config.teacher_dir} is a {teacher_cfg.family}; distillation expects a "
-                         "fine-tuned Transformer teacher")
+    evaluation.require_transformer(config.teacher_dir, teacher_cfg, "teacher", "distillation")
     s = config.student
     tagger = s.family == "cnn_lstm"
     word_level = s.family != "transformer"
@@ -337,21 +330,10 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
                              **({"max_word_chars": s.max_word_chars} if tagger else {}))
     task = load(word_vocab="build" if word_level else None)
     _check_pairing(s.family, task.kind, f"task {task.name} is")
-    teacher_kind = _teacher_kind(teacher_cfg, teacher_meta)
-    if teacher_kind != task.kind:
-        raise ValueError(f"the teacher {config.teacher_dir} was fine-tuned on a {teacher_kind} task "
-                         f"({teacher_meta.get('task', 'unknown')}), task {task.name} is a {task.kind} task: "
-                         "distil a teacher fine-tuned on the student's task")
+    evaluation.check_fine_tuned_for(config.teacher_dir, teacher_cfg, teacher_meta, task, "teacher")
     if word_level and len(task.word_vocab.units) > s.max_vocab:
         texts = task.train.tokens if tagger else task.train.texts + (task.train.texts_b or [])
         task = load(word_vocab=WordVocab.build(texts, max_size=s.max_vocab), char_vocab=task.char_vocab)
-    teacher_labels = teacher_meta.get("label_names")
-    if teacher_labels is not None and list(teacher_labels) != list(task.label_names):
-        raise ValueError(f"teacher and student label sets differ: the teacher was trained on {teacher_labels}, "
-                         f"task {task.name} has {task.label_names}")
-    if teacher_cfg.num_labels != task.num_labels:
-        raise ValueError(f"the teacher has {teacher_cfg.num_labels} outputs, task {task.name} has "
-                         f"{task.num_labels} labels")
     if tagger and config.augment.n_per_example > 0:
         raise config_validation.ConfigError(
             "config.augment.n_per_example > 0: transfer-set augmentation rewrites raw text and has no tags for a "

@@ -10,7 +10,9 @@
 * :func:`task_metrics` turns gathered predictions into metrics and is shared with the training loop's
   data-parallel evaluation;
 * :func:`batch_apply`: a model's apply called with a batch's inputs as keywords, the calling convention of
-  :mod:`compression.quantization`'s calibration and int8 conversion, for every family.
+  :mod:`compression.quantization`'s calibration and int8 conversion, for every family;
+* :func:`require_transformer` / :func:`check_fine_tuned_for`: the checks every job that starts from a saved,
+  fine-tuned Transformer (distillation teacher, L0 pruning, Theseus predecessor) makes before it trains.
 """
 
 from __future__ import annotations
@@ -72,6 +74,29 @@ def calibration_batches(split, inputs: tuple[str, ...], num_batches: int, batch_
             return out
     raise ValueError(f"{num_batches} calibration batches of {batch_size} requested, but {split.name} has only "
                      f"{len(out)} full batches")
+
+
+def require_transformer(model_dir: str, model_cfg, role: str, purpose: str) -> None:
+    """Raises ``ValueError`` unless the model saved in ``model_dir`` is a Transformer (``role``: how the job
+    calls it, e.g. "teacher"; ``purpose``: what needs it, e.g. "distillation")."""
+    if model_cfg.family != "transformer":
+        raise ValueError(f"the {role} {model_dir} is a {model_cfg.family}; {purpose} needs a fine-tuned Transformer")
+
+
+def check_fine_tuned_for(model_dir: str, model_cfg, meta: dict, task: TaskData, role: str) -> None:
+    """Raises ``ValueError`` unless the Transformer in ``model_dir`` was fine-tuned on a task of ``task``'s kind
+    (its saved ``meta["kind"]``, else its head) with ``task``'s label names and number of labels."""
+    kind = meta.get("kind") or ("token" if model_cfg.head == "token" else "sequence")
+    if kind != task.kind:
+        raise ValueError(f"the {role} {model_dir} was fine-tuned on a {kind} task ({meta.get('task', 'unknown')}), "
+                         f"task {task.name} is a {task.kind} task: use a {role} fine-tuned on this task")
+    labels = meta.get("label_names")
+    if labels is not None and list(labels) != list(task.label_names):
+        raise ValueError(f"label sets differ: the {role} {model_dir} was trained on {list(labels)}, task "
+                         f"{task.name} has {list(task.label_names)}")
+    if model_cfg.num_labels != task.num_labels:
+        raise ValueError(f"the {role} {model_dir} has {model_cfg.num_labels} outputs, task {task.name} has "
+                         f"{task.num_labels} labels")
 
 
 def _vocab(model_dir: str, cls, file: str):

@@ -259,13 +259,7 @@ def _check_targets(config) -> None:
 
 
 def _check_teacher(config, task: TaskData, teacher_cfg, teacher_meta: dict, preset) -> None:
-    labels = teacher_meta.get("label_names")
-    if (labels is not None and list(labels) != list(task.label_names)) or teacher_cfg.num_labels != task.num_labels:
-        raise ValueError(f"the teacher {config.teacher_dir} was fine-tuned on labels "
-                         f"{labels or teacher_cfg.num_labels}; task {task.name} has {list(task.label_names)}")
-    head = "token" if task.kind == "token" else "sequence"
-    if teacher_cfg.head != head:
-        raise ValueError(f"the teacher has a {teacher_cfg.head} head; task {task.name} needs a {head} head")
+    evaluation.check_fine_tuned_for(config.teacher_dir, teacher_cfg, teacher_meta, task, "teacher")
     if preset is not None and task.kind == "token":
         raise config_validation.ConfigError(f"task {task.name} is a token task: L0 pruning here distils sequence "
                                             "classifiers only; use config.distill.preset='none' (l0.py:TASK,nokd)")
@@ -281,9 +275,7 @@ def l0_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = time.time()
     workdir = os.path.abspath(workdir)
     teacher, teacher_cfg, teacher_params = models.load(config.teacher_dir)
-    if teacher_cfg.family != "transformer":
-        raise ValueError(f"the teacher {config.teacher_dir} is a {teacher_cfg.family}; L0 head/FFN pruning needs a "
-                         "fine-tuned Transformer")
+    evaluation.require_transformer(config.teacher_dir, teacher_cfg, "teacher", "L0 head/FFN pruning")
     if teacher_cfg.fused_qkv or any(teacher_cfg.kv_heads(i) != teacher_cfg.heads(i)
                                     for i in range(teacher_cfg.num_layers)):
         raise ValueError(f"the teacher {config.teacher_dir} has fused QKV or grouped-query attention, which "

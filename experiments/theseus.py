@@ -34,7 +34,7 @@ from compression import theseus
 from experiments import config_validation, evaluation, loop, observe, trainer
 from experiments.config_validation import Field
 from experiments.configs.finetune import FINETUNE_ONLY
-from experiments.data import TaskData, load_task
+from experiments.data import load_task
 from experiments.parallel import DataParallel
 from models import theseus as theseus_models
 
@@ -94,19 +94,6 @@ def theseus_loss(model, frozen_fn=theseus.freeze):
     return loss_fn
 
 
-def _check_teacher(config, task: TaskData, teacher_cfg, teacher_meta: dict) -> None:
-    if teacher_cfg.family != "transformer":
-        raise ValueError(f"the predecessor {config.teacher_dir} is a {teacher_cfg.family}; module replacement "
-                         "needs a fine-tuned Transformer")
-    labels = teacher_meta.get("label_names")
-    if (labels is not None and list(labels) != list(task.label_names)) or teacher_cfg.num_labels != task.num_labels:
-        raise ValueError(f"the predecessor {config.teacher_dir} was fine-tuned on labels "
-                         f"{labels or teacher_cfg.num_labels}; task {task.name} has {list(task.label_names)}")
-    head = "token" if task.kind == "token" else "sequence"
-    if teacher_cfg.head != head:
-        raise ValueError(f"the predecessor has a {teacher_cfg.head} head; task {task.name} needs a {head} head")
-
-
 def theseus_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs module replacement as ``config`` says, in ``workdir``; returns the results dict."""
     config_validation.validate(config, THESEUS_SCHEMA)
@@ -115,10 +102,11 @@ def theseus_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
     start = time.time()
     workdir = os.path.abspath(workdir)
     _, pred_cfg, pred_params = models.load(config.teacher_dir)
+    evaluation.require_transformer(config.teacher_dir, pred_cfg, "predecessor", "module replacement")
     teacher_meta = models.read_meta(config.teacher_dir).get("extra", {})
     task = load_task(config.task, config.data_dir, tokenizer=config.teacher_dir, max_length=config.max_length,
                      seed=config.seed, synthetic_size=config.synthetic_size)
-    _check_teacher(config, task, pred_cfg, teacher_meta)
+    evaluation.check_fine_tuned_for(config.teacher_dir, pred_cfg, teacher_meta, task, "predecessor")
     if config.checkpoint.best_metric and config.checkpoint.best_metric not in task.metric_names + ["loss"]:
         raise config_validation.ConfigError(f"config.checkpoint.best_metric={config.checkpoint.best_metric!r} is "
                                             f"not a metric of task {task.name}; allowed: {task.metric_names}")

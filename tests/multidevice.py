@@ -8,10 +8,15 @@ import textwrap
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def device_env(n: int) -> dict:
+    """Environment for a subprocess with ``n`` forced CPU devices; it inherits the rest, the suite's JAX
+    compilation cache (``tests/conftest.py``) included."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+
+
 def run_with_devices(code: str, n: int = 8, timeout: int = 300) -> str:
     """Runs ``code`` with ``n`` CPU devices; fails the test with its output when it exits non-zero."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=device_env(n), capture_output=True,
                           text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

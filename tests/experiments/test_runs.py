@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.experiments.tiny import REPO, main_env, run_main, tiny_flags
+from tests.experiments.tiny import run_main, tiny_flags
+from tests.multidevice import REPO, device_env
 
-RUN = dict(num_train_steps=100, eval_every_steps=50, log_every_steps=10, checkpoint__every_steps=5)
+RUN = dict(num_train_steps=40, eval_every_steps=20, log_every_steps=10, checkpoint__every_steps=5)
 
 
 def _params(workdir) -> dict[str, np.ndarray]:
@@ -34,14 +35,9 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, jax_cache):
+def reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
-    run_main(workdir, devices=4, cache_dir=jax_cache, **RUN)
+    run_main(workdir, devices=4, **RUN)
     return workdir
 
 
@@ -57,11 +53,11 @@ def _garble_newest_checkpoint(ckpt_dir: str) -> int:
     return newest
 
 
-def test_sigkill_and_corrupt_checkpoint_then_resume_matches_reference(reference, jax_cache, tmp_path):
+def test_sigkill_and_corrupt_checkpoint_then_resume_matches_reference(reference, tmp_path):
     workdir = tmp_path / "killed"
     ckpt_dir = workdir / "checkpoints"
     proc = subprocess.Popen([sys.executable, "-m", "experiments.main", f"--workdir={workdir}", *tiny_flags(**RUN)],
-                            cwd=REPO, env=main_env(4, jax_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=device_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     try:
         # Wait for two finished checkpoints (Orbax renames a step directory into place when it is complete).
@@ -77,26 +73,26 @@ def test_sigkill_and_corrupt_checkpoint_then_resume_matches_reference(reference,
     assert not (workdir / "results.json").exists()  # it really died mid-run
 
     corrupted = _garble_newest_checkpoint(str(ckpt_dir))
-    proc = run_main(workdir, devices=4, cache_dir=jax_cache, **RUN)
+    proc = run_main(workdir, devices=4, **RUN)
     assert f"checkpoint {corrupted}" in proc.stderr  # the corruption was reported ...
     assert glob.glob(str(ckpt_dir / "corrupt" / f"{corrupted}-*"))  # ... and the checkpoint moved aside
 
     assert _max_diff(_params(workdir), _params(reference)) <= 1e-6
     ours, ref = (json.loads((d / "results.json").read_text()) for d in (workdir, reference))
-    assert ours["steps"] == ref["steps"] == 100
+    assert ours["steps"] == ref["steps"] == 40
     assert ours["final"] == pytest.approx(ref["final"], abs=1e-6)
     # The log describes one trajectory: no step appears twice after the restart trimmed it.
     steps = [(l["split"], l["step"]) for l in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
     assert len(steps) == len(set(steps))
-    assert [s for split, s in steps if split == "eval"] == [50, 100]
+    assert [s for split, s in steps if split == "eval"] == [20, 40]
 
 
-def test_two_processes_match_one_process(reference, jax_cache, tmp_path):
+def test_two_processes_match_one_process(reference, tmp_path):
     workdir = tmp_path / "multihost"
     cmd = [sys.executable, os.path.join("launch", "local_multiprocess.py"), "--num_processes=2",
            "--devices_per_process=2", "--timeout=280", "--", f"--workdir={workdir}",
-           *tiny_flags(**dict(RUN, checkpoint__every_steps=0, log_every_steps=50))]  # same trajectory, fewer syncs
-    proc = subprocess.run(cmd, cwd=REPO, env=main_env(1, jax_cache), capture_output=True, text=True, timeout=300)
+           *tiny_flags(**dict(RUN, checkpoint__every_steps=0, log_every_steps=20))]  # same trajectory, fewer syncs
+    proc = subprocess.run(cmd, cwd=REPO, env=device_env(1), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert "[p1]" in proc.stdout
     results = json.loads((workdir / "results.json").read_text())

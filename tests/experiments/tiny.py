@@ -1,14 +1,12 @@
 """A tiny synthetic-task config (hidden 32, 2 layers, one length bucket) for fast end-to-end runs."""
 
-import os
 import subprocess
 import sys
 
 import numpy as np
 
 from experiments.configs import finetune
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.multidevice import REPO, device_env
 
 TINY = {
     "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2, "model.intermediate_size": 64,
@@ -61,23 +59,10 @@ def tiny_flags(**overrides) -> list[str]:
     return ["--config=experiments/configs/finetune.py:synthetic"] + [f"--config.{k}={v}" for k, v in values.items()]
 
 
-def main_env(devices: int, cache_dir=None) -> dict:
-    """Environment for a subprocess with ``devices`` forced CPU devices.
-
-    ``cache_dir``: a JAX persistent compilation cache shared by the runs of one test module, so that runs of
-    the same program compile it once (the cached executable is the same program: results are unchanged).
-    """
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    if cache_dir is not None:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return env
-
-
-def run_main(workdir, devices: int, timeout: int = 300, cache_dir=None, **overrides) -> subprocess.CompletedProcess:
+def run_main(workdir, devices: int, timeout: int = 300, **overrides) -> subprocess.CompletedProcess:
     """Runs ``python -m experiments.main`` to completion; fails with its output on a non-zero exit."""
     proc = subprocess.run([sys.executable, "-m", "experiments.main", f"--workdir={workdir}",
-                           *tiny_flags(**overrides)], cwd=REPO, env=main_env(devices, cache_dir),
+                           *tiny_flags(**overrides)], cwd=REPO, env=device_env(devices),
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"experiments.main failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")

@@ -1,0 +1,35 @@
+"""Suite-wide: one JAX persistent compilation cache per test run, shared by the xdist workers and the
+subprocesses tests start (``tests.multidevice.device_env``).
+
+Most of the suite's time is XLA compiling the same tiny programs again: every test builds its own closures,
+so the in-memory jit caches miss, while the compiled programs are the same (the cache is keyed on the
+program, compile options and backend). A hit loads the executable XLA produced for that very program, so
+no result changes. The directory is made fresh for each run and removed at its end: a warm cache from an
+earlier run never hides how long the suite takes.
+"""
+
+import os
+import shutil
+import tempfile
+
+import jax
+
+OWNER_ENV = "NLPRESS_TEST_JAX_CACHE_OWNER"  # pid of the process that made the cache and removes it
+
+
+def pytest_configure(config):
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the xdist controller, or a run without xdist
+        os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="nlpress-jax-cache-"),
+                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                          **{OWNER_ENV: str(os.getpid())})
+    # Workers and subprocesses inherit the environment; this process may have read it before it was set.
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                      int(os.environ.get("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")))
+
+
+def pytest_unconfigure(config):
+    if os.environ.get(OWNER_ENV) == str(os.getpid()):
+        shutil.rmtree(os.environ.pop("JAX_COMPILATION_CACHE_DIR"), ignore_errors=True)

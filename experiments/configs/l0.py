@@ -14,9 +14,9 @@ ramped linearly from 0 over the first ``l0.warmup_fraction`` of the steps. The t
 the unpruned teacher's cached logits (T = 4, 0.9 soft / 0.1 gold), or gold labels only with ``nokd``. At
 the end the closed gates are removed for real (compaction) and ``model/`` holds the smaller plain Transformer.
 
-Expected on SST-2 from the MiniLM teacher (89.3% dev accuracy; 2 CPU cores, 1 epoch = 2,104 steps, about
-1.5-2 hours each): 50% of FFN units and about 30% of heads removed, within about 1 point of the teacher
-with KD and 1-2 points below it without. These are estimates, not yet measured.
+Measured on SST-2 from the MiniLM teacher (0.8933 dev accuracy) with ``--config.num_epochs=0.5`` (1,052
+steps, 41 minutes each on 2 CPU cores): with KD 49.5% of FFN units and 30.6% of heads removed at 0.8922 (0.1
+point below the teacher); without KD 49.2% / 29.2% at 0.8853 (0.8 point below). The default is 1 epoch.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Suite-wide: one JAX persistent compilation cache per test run, shared by the xdist workers and the
 subprocesses tests start (``tests.multidevice.device_env``).
 
-Most of the suite's time is XLA compiling the same tiny programs again: every test builds its own closures,
-so the in-memory jit caches miss, while the compiled programs are the same (the cache is keyed on the
-program, compile options and backend). A hit loads the executable XLA produced for that very program, so
+Tests that run a program compiled earlier in the run (a resumed or rerun job, a subprocess repeating a
+reference run) would compile it again: each builds its own closures, so the in-memory jit caches miss,
+while the programs are the same (the cache is keyed on the program, compile options and backend). A hit loads the executable XLA produced for that very program, so
 no result changes. The directory is made fresh for each run and removed at its end: a warm cache from an
 earlier run never hides how long the suite takes.
 """

@@ -29,7 +29,7 @@ demo: install
 	$(PY) -m experiments.main --config=experiments/configs/recipe.py:demo --workdir=runs/demo
 
 test: install
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 bench: install
 	mkdir -p $(BENCH_OUT)

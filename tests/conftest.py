@@ -24,10 +24,13 @@ def pytest_configure(config):
                           **{OWNER_ENV: str(os.getpid())})
     # Workers and subprocesses inherit the environment; this process may have read it before it was set.
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")))
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
-                      int(os.environ.get("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")))
+    # Thresholds only where set: a cache directory the user gave keeps JAX's defaults.
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" in os.environ:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                          int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
 def pytest_unconfigure(config):

@@ -1,11 +1,15 @@
-"""Suite-wide: one JAX persistent compilation cache per test run, shared by the xdist workers and the
-subprocesses tests start (``tests.multidevice.device_env``).
+"""Suite-wide settings, made by the first process (the xdist controller) and inherited through the
+environment by the workers and the subprocesses tests start (``tests.multidevice.device_env``).
 
-Tests that run a program compiled earlier in the run (a resumed or rerun job, a subprocess repeating a
-reference run) would compile it again: each builds its own closures, so the in-memory jit caches miss,
-while the programs are the same (the cache is keyed on the program, compile options and backend). A hit loads the executable XLA produced for that very program, so
-no result changes. The directory is made fresh for each run and removed at its end: a warm cache from an
-earlier run never hides how long the suite takes.
+* XLA compiles without its LLVM optimisation passes (``--xla_backend_optimization_level=0``, unless
+  XLA_FLAGS names a level): the tiny test programs spent more time being optimised than running, and the
+  flag changes how fast the compiled code runs, not what it computes. Benchmarks never run under it.
+* One JAX persistent compilation cache per test run. Tests that run a program compiled earlier in the run
+  (a resumed or rerun job, a subprocess repeating a reference run) would compile it again: each builds its
+  own closures, so the in-memory jit caches miss, while the programs are the same (the cache is keyed on the
+  program, compile options and backend). A hit loads the executable XLA produced for that very program, so
+  no result changes. The directory is made fresh for each run and removed at its end: a warm cache from an
+  earlier run never hides how long the suite takes.
 """
 
 import os
@@ -15,10 +19,14 @@ import tempfile
 import jax
 
 OWNER_ENV = "NLPRESS_TEST_JAX_CACHE_OWNER"  # pid of the process that made the cache and removes it
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
 def pytest_configure(config):
-    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the xdist controller, or a run without xdist
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in flags:  # an explicit level is kept
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE_FLAG}".strip()
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="nlpress-jax-cache-"),
                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                           **{OWNER_ENV: str(os.getpid())})

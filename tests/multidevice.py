@@ -10,8 +10,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def device_env(n: int) -> dict:
     """Environment for a subprocess with ``n`` forced CPU devices; it inherits the rest, the suite's JAX
-    compilation cache (``tests/conftest.py``) included."""
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+    compilation cache and XLA flags (``tests/conftest.py``) included."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return {**os.environ, "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={n}"]),
+            "JAX_PLATFORMS": "cpu"}
 
 
 def run_with_devices(code: str, n: int = 8, timeout: int = 300) -> str:

@@ -32,7 +32,8 @@ from the MiniLM teacher (dev accuracy 0.8933; final / best-checkpoint dev accura
 logits): transformer3 0.8612 / 0.8624 in 12 minutes (700 steps), transformer3_nokd 0.8647 / 0.8647 (11 minutes:
 at this length Hinton KD does not beat gold labels); bilstm 0.8647 / 0.8681 in 21 minutes (3 epochs of the
 transfer set), bilstm_nokd 0.8360 / 0.8429 (14 minutes). On WikiANN (en), an estimate not yet measured: the
-cnn_lstm student some points of span F1 below the teacher (about 0.70-0.75 against about 0.80), cnn_lstm_nokd a
+cnn_lstm student some points of span F1 below the teacher (about 0.70-0.75 against the
+teacher's measured 0.7765), cnn_lstm_nokd a
 point or two below the KD student, each in about 10-20 minutes (5 epochs, 3,125 steps; the teacher's logits over
 20,000 sentences, 72 MB, once).
 """

@@ -33,12 +33,10 @@ def pytest_configure(config):
     # Workers and subprocesses inherit the environment; this process may have read it before it was set.
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     # Thresholds only where set: a cache directory the user gave keeps JAX's defaults.
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" in os.environ:
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes",
-                          int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+    for option, parse in (("jax_persistent_cache_min_compile_time_secs", float),
+                          ("jax_persistent_cache_min_entry_size_bytes", int)):
+        if option.upper() in os.environ:
+            jax.config.update(option, parse(os.environ[option.upper()]))
 
 
 def pytest_unconfigure(config):

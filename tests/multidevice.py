@@ -5,15 +5,16 @@ import subprocess
 import sys
 import textwrap
 
+from launch.local_multiprocess import process_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def device_env(n: int) -> dict:
-    """Environment for a subprocess with ``n`` forced CPU devices; it inherits the rest, the suite's JAX
-    compilation cache and XLA flags (``tests/conftest.py``) included."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    return {**os.environ, "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={n}"]),
-            "JAX_PLATFORMS": "cpu"}
+    """Environment for a subprocess with ``n`` forced CPU devices (the local multi-process runner's worker
+    environment); it inherits the rest, the suite's JAX compilation cache and XLA flags (``tests/conftest.py``)
+    included."""
+    return process_env(n)
 
 
 def run_with_devices(code: str, n: int = 8, timeout: int = 300) -> str:

@@ -1,8 +1,10 @@
 """``distill_and_evaluate(config, workdir)``: train a student from a fine-tuned teacher's soft targets.
 
 The teacher is a model directory written by fine-tuning (``models.load``). Its logits over the transfer set
-(the training split, plus an augmented set when ``config.augment.n_per_example > 0``, Tang et al. 2019) are
-computed once, in eval mode, and cached in ``workdir/teacher_logits.npz``; each training batch then carries
+(the training split, plus an augmented set when ``config.augment.n_per_example > 0``, Tang et al. 2019, plus the
+unlabeled text of ``config.transfer_file``, Mukherjee & Awadallah 2020) are computed once, in eval mode, and
+cached in ``workdir/teacher_logits.npz`` under a fingerprint of the teacher and the rows (a changed transfer set
+or teacher recomputes them); each training batch then carries
 ``teacher_logits`` for its rows, so a step costs only the student's forward and backward. The loss is a
 :mod:`compression.distillation` preset (``none``: gold labels only, the baseline every figure is compared
 with). Students: a Transformer initialised from a subset of the teacher's layers, or a BiLSTM over words
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import time
 
@@ -39,10 +42,11 @@ from compression.pruning.compaction import keep_layers
 from experiments import config_validation, evaluation, loop, observe, qat, trainer
 from experiments.config_validation import Field
 from experiments.configs.finetune import FINETUNE_ONLY
-from experiments.data import Split, TaskData, load_task
+from experiments.data import IGNORE, Split, TaskData, load_task, readers
 from experiments.data.batching import Features
-from experiments.data.features import encode_sequences
-from experiments.data.vocab import WordVocab
+from experiments.data.features import encode_sequences, encode_tagged
+from experiments.data.readers import RawSplit
+from experiments.data.vocab import CharVocab, WordVocab
 from experiments.parallel import DataParallel
 from models.bilstm import BiLSTMConfig
 from models.cnn_lstm import CNNLSTMConfig
@@ -55,6 +59,7 @@ DISTILL_SCHEMA = {
     **{k: v for k, v in config_validation.FINETUNE_SCHEMA.items() if k not in FINETUNE_ONLY},
     "job": Field(str, choices=("distill",)),
     "teacher_dir": Field(str),
+    "transfer_file": Field(str, nullable=True),
     "student": {
         "family": Field(str, choices=FAMILIES),
         "num_layers": Field(int, min=1),
@@ -177,20 +182,92 @@ def teacher_logits(teacher_apply, teacher_params, split: Split, batch_size: int 
     return np.concatenate(out)
 
 
-def _cached_logits(path: str, compute, shape: tuple[int, ...]) -> np.ndarray:
-    """Loads ``path`` if it holds logits of ``shape``, else computes and writes them atomically."""
+def transfer_key(teacher_dir: str, splits: list[Split]) -> str:
+    """A fingerprint of the teacher (its directory and saved step) and of the teacher inputs of ``splits``:
+    cached logits are reused only for the same teacher over the same rows."""
+    h = hashlib.sha256(os.path.abspath(teacher_dir).encode())
+    h.update(str(models.read_meta(teacher_dir)["extra"].get("step")).encode())
+    for split in splits:
+        for name in ("input_ids", "token_type_ids", "word_start_index"):
+            if name in split.features.ragged:
+                h.update(name.encode())
+                for row in split.features.ragged[name].rows:
+                    h.update(np.ascontiguousarray(row, np.int32).tobytes() + b";")
+    return h.hexdigest()
+
+
+def cached_teacher_logits(path: str, key: str, compute, shape: tuple[int, ...]) -> np.ndarray:
+    """Loads ``path`` if it holds logits of ``shape`` for ``key`` (:func:`transfer_key`), else computes them
+    with ``compute()`` and writes them atomically."""
     if os.path.exists(path):
-        cached = np.load(path)["logits"]
-        if cached.shape == tuple(shape):
-            return cached
-        logging.warning("%s holds logits of shape %s, the transfer set needs %s: recomputing", path,
-                        cached.shape, tuple(shape))
+        with np.load(path) as cached:
+            old_key = str(cached["key"]) if "key" in cached.files else None
+            if old_key == key and cached["logits"].shape == tuple(shape):
+                return cached["logits"]
+            logging.warning("%s holds logits of shape %s for %s; this run needs %s for teacher/transfer set %s: "
+                            "recomputing", path, cached["logits"].shape, old_key and old_key[:12], tuple(shape),
+                            key[:12])
     logits = compute()
     if observe.is_writer():
         tmp = path + ".tmp.npz"
-        np.savez(tmp, logits=logits)
+        np.savez(tmp, logits=logits, key=np.array(key))
         os.replace(tmp, path)
     return logits
+
+def _read_transfer_file(config, task: TaskData, preset) -> RawSplit | None:
+    """The unlabeled transfer examples of ``config.transfer_file`` (None without one); checked before any
+    work: the file must exist and fit the task (one sentence per line, or two tab-separated texts for pairs)."""
+    if not config.transfer_file:
+        return None
+    if preset is None:
+        raise config_validation.ConfigError(
+            "config.transfer_file is set but config.distill.preset is 'none': unlabeled transfer text trains only "
+            "on the teacher's soft targets; drop transfer_file for a gold-label baseline")
+    raw = readers.read_unlabeled(config.transfer_file, kind=task.kind, is_pair=task.is_pair)
+    logging.info("%s: %d unlabeled transfer examples", config.transfer_file, len(raw))
+    return raw
+
+
+def _unlabeled_split(task: TaskData, raw: RawSplit | None, max_word_chars: int) -> Split | None:
+    """``raw`` (from :func:`_read_transfer_file`) encoded like the task's training split, with placeholder
+    labels: 0 per example (sequence tasks) or ``IGNORE`` per word (token tasks, so no gold-label term sees
+    them)."""
+    if raw is None:
+        return None
+    name = f"{task.name}/unlabeled"
+    if task.kind == "token":
+        labels = [np.full(len(words), IGNORE, np.int32) for words in raw.tokens]
+        feats = encode_tagged(name, raw.tokens, labels, tokenizer=task.tokenizer, word_vocab=task.word_vocab,
+                              char_vocab=task.char_vocab, max_length=task.max_length, max_word_chars=max_word_chars)
+    else:
+        labels = np.zeros(len(raw), np.int32)
+        feats = encode_sequences(name, raw.texts, raw.texts_b, labels, tokenizer=task.tokenizer,
+                                 word_vocab=task.word_vocab, max_length=task.max_length)
+    return Split(name, labels=labels, features=feats, buckets=task.train.buckets, texts=raw.texts,
+                 texts_b=raw.texts_b, tokens=raw.tokens)
+
+
+def _transfer_split(task: TaskData, extras: list[Split], t_logits: np.ndarray, tagger: bool) -> Split:
+    """The student's training rows: the training split, then ``extras`` (augmented / unlabeled rows, in the
+    teacher-logits order), with ``has_label`` (1 = gold label) and ``example_index`` (row in ``t_logits``).
+    Sequence extras take the teacher's argmax as ``labels`` (never used for a loss: ``has_label`` 0)."""
+    parts = [task.train] + extras
+    has_label = np.concatenate([np.full(len(x), int(i == 0), np.int32) for i, x in enumerate(parts)])
+    join = lambda xs: None if any(x is None for x in xs) else [v for x in xs for v in x]
+    if tagger:
+        views = [_tagger_split(x) for x in parts]
+        labels = join([x.labels for x in parts])
+    else:
+        views = parts
+        n_train = len(task.train)
+        labels = np.concatenate([task.train.labels, t_logits[n_train:].argmax(-1).astype(np.int32)])
+    scalars = {"has_label": has_label, "example_index": np.arange(len(has_label), dtype=np.int32)}
+    if not tagger:
+        scalars["labels"] = labels
+    name = task.train.name if not extras else f"{task.name}/transfer"
+    return Split(name, labels=labels, features=_join_features(views, scalars), buckets=task.train.buckets,
+                 texts=join([x.texts for x in parts]), texts_b=join([x.texts_b for x in parts]),
+                 tokens=join([x.tokens for x in parts]))
 
 
 def _tagger_split(split: Split) -> Split:
@@ -331,13 +408,17 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
     task = load(word_vocab="build" if word_level else None)
     _check_pairing(s.family, task.kind, f"task {task.name} is")
     evaluation.check_fine_tuned_for(config.teacher_dir, teacher_cfg, teacher_meta, task, "teacher")
-    if word_level and len(task.word_vocab.units) > s.max_vocab:
-        texts = task.train.tokens if tagger else task.train.texts + (task.train.texts_b or [])
-        task = load(word_vocab=WordVocab.build(texts, max_size=s.max_vocab), char_vocab=task.char_vocab)
+    unlabeled_raw = _read_transfer_file(config, task, preset)
+    if word_level and (unlabeled_raw is not None or len(task.word_vocab.units) > s.max_vocab):
+        # the student's vocabularies cover the unlabeled transfer text too: its words train on soft targets
+        raws = [task.train] + ([unlabeled_raw] if unlabeled_raw is not None else [])
+        texts = [t for r in raws for t in (r.tokens if tagger else r.texts + (r.texts_b or []))]
+        char_vocab = CharVocab.build(texts) if tagger and unlabeled_raw is not None else task.char_vocab
+        task = load(word_vocab=WordVocab.build(texts, max_size=s.max_vocab), char_vocab=char_vocab)
     if tagger and config.augment.n_per_example > 0:
         raise config_validation.ConfigError(
             "config.augment.n_per_example > 0: transfer-set augmentation rewrites raw text and has no tags for a "
-            "token task; set it to 0 (token tasks distil on the training split)")
+            "token task; set it to 0 (token tasks distil on the training split, plus config.transfer_file)")
     best_metric = config.checkpoint.best_metric
     if best_metric and best_metric not in task.metric_names + ["loss"]:
         raise config_validation.ConfigError(f"config.checkpoint.best_metric={best_metric!r} is not a metric of task "
@@ -356,30 +437,21 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
         train = student_task.train
     else:
         train = _with_index(task.train)
-    aug = _augmented(task, config) if preset is not None else None
-    logits_path = os.path.join(workdir, "teacher_logits.npz")
     t_logits = None
     if preset is not None:
-        splits = [task.train] + ([aug] if aug is not None else [])
+        extras = [x for x in (_augmented(task, config), _unlabeled_split(task, unlabeled_raw, s.max_word_chars))
+                  if x is not None]
+        splits = [task.train] + extras
         n = sum(len(x) for x in splits)
         shape = (n, task.train.buckets[-1], task.num_labels) if tagger else (n, task.num_labels)
-        t_logits = _cached_logits(logits_path, lambda: np.concatenate(
-            [teacher_logits(teacher.apply, teacher_params, x, progress_bar=config.progress_bar, word_level=tagger)
-             for x in splits]), shape)
-        has_label = np.ones(n, np.int32)
-        if aug is not None:
-            logging.info("transfer set: %d training + %d augmented examples (teacher-labelled)", len(task.train),
-                         len(aug))
-            has_label[len(task.train):] = 0
-            labels = np.concatenate([task.train.labels, t_logits[len(task.train):].argmax(-1).astype(np.int32)])
-            feats = _concat_features(task.train, aug, labels, has_label)
-            train = Split(f"{task.name}/transfer", labels=labels, features=feats, buckets=task.train.buckets,
-                          texts=task.train.texts + aug.texts,
-                          texts_b=None if aug.texts_b is None else task.train.texts_b + aug.texts_b)
-        else:
-            train = Split(train.name, labels=train.labels, features=dataclasses.replace(
-                train.features, scalars={**train.features.scalars, "has_label": has_label}),
-                buckets=train.buckets, texts=train.texts, texts_b=train.texts_b, tokens=train.tokens)
+        t_logits = cached_teacher_logits(
+            os.path.join(workdir, "teacher_logits.npz"), transfer_key(config.teacher_dir, splits),
+            lambda: np.concatenate([teacher_logits(teacher.apply, teacher_params, x, progress_bar=config.progress_bar,
+                                                   word_level=tagger) for x in splits]), shape)
+        if extras:
+            logging.info("transfer set: %d training + %s examples (teacher-labelled)", len(task.train),
+                         " + ".join(f"{len(x)} {x.name.rpartition('/')[2]}" for x in extras))
+        train = _transfer_split(task, extras, t_logits, tagger)
 
     if s.family == "transformer":
         student_cfg, params = transformer_student(teacher_cfg, teacher_params, s.num_layers, s.init, init_key,
@@ -449,16 +521,16 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
     return {"final": result.final, "best": result.best, "steps": result.steps, "wall_time_s": wall, **extra}
 
 
-def _concat_features(a: Split, b: Split, labels: np.ndarray, has_label: np.ndarray):
-    """Features of ``a`` followed by ``b`` (same encoders), with ``labels``, ``has_label`` and
-    ``example_index`` scalars over the whole."""
-    fa, fb = a.features, b.features
-    if set(fa.ragged) != set(fb.ragged):
-        raise ValueError(f"cannot join {a.name} and {b.name}: features {sorted(fa.ragged)} vs {sorted(fb.ragged)}")
-    lengths = {g: np.concatenate([fa.lengths[g], fb.lengths[g]]) for g in fa.lengths}
-    ragged = {k: dataclasses.replace(r, rows=r.rows + fb.ragged[k].rows) for k, r in fa.ragged.items()}
-    n = len(labels)
-    scalars = {"labels": labels, "has_label": has_label, "example_index": np.arange(n, dtype=np.int32)}
-    return dataclasses.replace(fa, lengths=lengths, ragged=ragged, scalars=scalars,
-                               truncated={k: fa.truncated.get(k, 0) + fb.truncated.get(k, 0)
-                                          for k in set(fa.truncated) | set(fb.truncated)})
+def _join_features(splits: list[Split], scalars: dict[str, np.ndarray]) -> Features:
+    """The features of ``splits`` one after another (same encoders), with ``scalars`` over the whole."""
+    first = splits[0].features
+    for x in splits[1:]:
+        if set(x.features.ragged) != set(first.ragged):
+            raise ValueError(f"cannot join {splits[0].name} and {x.name}: features {sorted(first.ragged)} vs "
+                             f"{sorted(x.features.ragged)}")
+    feats = [x.features for x in splits]
+    lengths = {g: np.concatenate([f.lengths[g] for f in feats]) for g in first.lengths}
+    ragged = {k: dataclasses.replace(r, rows=[row for f in feats for row in f.ragged[k].rows])
+              for k, r in first.ragged.items()}
+    truncated = {k: sum(f.truncated.get(k, 0) for f in feats) for f0 in feats for k in f0.truncated}
+    return dataclasses.replace(first, lengths=lengths, ragged=ragged, scalars=scalars, truncated=truncated)

@@ -295,8 +295,8 @@ def l0_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train = distill._with_index(task.train)
     t_logits = None
     if preset is not None:
-        t_logits = distill._cached_logits(
-            os.path.join(workdir, "teacher_logits.npz"),
+        t_logits = distill.cached_teacher_logits(
+            os.path.join(workdir, "teacher_logits.npz"), distill.transfer_key(config.teacher_dir, [task.train]),
             lambda: distill.teacher_logits(teacher.apply, teacher_params, task.train, progress_bar=config.progress_bar),
             (len(task.train), task.num_labels))
 

@@ -65,6 +65,9 @@ def get_config(arg: str = "synthetic,transformer3") -> ml_collections.ConfigDict
     c.task = task
     c.job = "distill"  # experiments.main runs experiments.distill.distill_and_evaluate
     c.teacher_dir = finetune._optional_str(None)  # model directory of the fine-tuned teacher (DIR/model); required
+    # unlabeled text the teacher labels for the student (Mukherjee & Awadallah 2020; Izsak et al. 2019): one example
+    # per line (pairs: two tab-separated texts; token tasks: a sentence, split into words); None: training split only
+    c.transfer_file = finetune._optional_str(None)
 
     c.student = ml_collections.ConfigDict()
     c.student.family = family  # transformer | bilstm | cnn_lstm

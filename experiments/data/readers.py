@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from experiments.data.vocab import split_words
+
 BOM = "\ufeff"
 
 
@@ -179,6 +181,42 @@ def read_conll(path: str, *, prefix: str | None = None) -> RawSplit:
         tags.append(tag)
         lines.append(number)
     flush()
+    return _nonempty(out)
+
+
+def read_unlabeled(path: str, *, kind: str, is_pair: bool = False) -> RawSplit:
+    """Reads an unlabeled transfer file: one example per line, blank lines skipped.
+
+    ``kind="sequence"``: each line is one text, or for pair tasks (``is_pair``) two texts separated by one
+    tab. ``kind="token"``: each line is a sentence, split into words with
+    :func:`experiments.data.vocab.split_words` (letters/digits runs and single punctuation marks, the way
+    the NER files tokenise). Labels are empty strings (the teacher labels the rows). A single-text line with a
+    tab, or a pair line without exactly one tab, is an error naming the line: cut label columns off first.
+    """
+    if kind not in ("sequence", "token"):
+        raise ValueError(f"kind must be 'sequence' or 'token', got {kind!r}")
+    out = RawSplit(path, [], [], **({"tokens": []} if kind == "token" else {"texts": []}))
+    if is_pair:
+        out.texts_b = []
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != (2 if is_pair else 1):
+            want = "two tab-separated texts (a pair task)" if is_pair else "one text without tabs"
+            raise ValueError(f"{path}:{number}: expected {want}, found {len(fields)} tab-separated fields: "
+                             f"{line[:80]!r}")
+        if kind == "token":
+            words = split_words(fields[0])
+            if not words:
+                continue
+            out.tokens.append(words)
+        else:
+            out.texts.append(fields[0].strip())
+            if is_pair:
+                out.texts_b.append(fields[1].strip())
+        out.labels.append("")
+        out.lines.append(number)
     return _nonempty(out)
 
 

@@ -13,7 +13,7 @@ import pytest
 import models
 from experiments import config_validation, distill, evaluation, trainer
 from experiments.configs import distill as distill_configs
-from experiments.data import Split, load_task
+from experiments.data import IGNORE, Split, load_task
 from experiments.data.features import encode_tagged
 from experiments.data.vocab import CharVocab, WordVocab
 
@@ -76,9 +76,15 @@ def test_kd_loss_equals_hand_computation():
     np.testing.assert_allclose(float(aux.metrics["teacher_agreement"]), 0.5)
 
 
+UNLABELED_TEXTS = ["the quokka was truly great", "i think the plot felt boring"]
+
+
 @pytest.mark.parametrize("student", ["transformer3", "bilstm"])
 def test_students_train_and_save_a_model(teacher_dir, tmp_path, student):
-    overrides = {"student.num_layers": 1} if student == "transformer3" else {"augment.n_per_example": 1}
+    overrides = {"student.num_layers": 1}
+    if student == "bilstm":  # the transfer set: training split + augmented rows + an unlabeled file
+        (tmp_path / "unlabeled.txt").write_text("\n".join(UNLABELED_TEXTS) + "\n")
+        overrides = {"augment.n_per_example": 1, "transfer_file": str(tmp_path / "unlabeled.txt")}
     result = distill.distill_and_evaluate(_config(student, teacher_dir, **overrides), str(tmp_path))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["steps"] == 16 and saved["final"]["step"] == 16
@@ -88,8 +94,18 @@ def test_students_train_and_save_a_model(teacher_dir, tmp_path, student):
     if student == "transformer3":
         assert cfg.num_layers == 1 and result["transfer_examples"] == n_train
     else:
-        assert result["transfer_examples"] > n_train  # the augmented rows joined the transfer set
-        assert (tmp_path / "model" / "word_vocab.json").is_file()
+        assert result["transfer_examples"] > n_train + 2  # the augmented and unlabeled rows joined
+        assert WordVocab.load(tmp_path / "model" / "word_vocab.json").encode(["quokka"])[0] > 1  # file words: known
+        # The unlabeled rows come last, with the teacher's logits on their text.
+        cached = np.load(tmp_path / "teacher_logits.npz")["logits"]
+        assert cached.shape == (result["transfer_examples"], 2)
+        teacher, _, t_params = models.load(teacher_dir)
+        tok = load_task("synthetic", None, tokenizer=teacher_dir, max_length=16, synthetic_size=256).tokenizer
+        for row, text in zip(cached[-2:], UNLABELED_TEXTS):
+            ids = jnp.asarray([[tok.cls_id, *tok.pieces([text])[0], tok.sep_id]])
+            ref = teacher.apply({"params": t_params}, ids, attention_mask=jnp.ones_like(ids),
+                                token_type_ids=jnp.zeros_like(ids)).logits[0]
+            np.testing.assert_allclose(row, np.asarray(ref), atol=1e-4)
     assert (tmp_path / "teacher_logits.npz").is_file()
     # The saved student reproduces its reported accuracy on the dev set.
     task = load_task("synthetic", None, tokenizer=teacher_dir, max_length=16, synthetic_size=256,
@@ -107,6 +123,13 @@ def test_students_train_and_save_a_model(teacher_dir, tmp_path, student):
 
 
 def test_bad_input_fails_before_training(teacher_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.txt"):
+        distill.distill_and_evaluate(_config("bilstm", teacher_dir, transfer_file=str(tmp_path / "absent.txt")),
+                                     str(tmp_path / "d"))
+    (tmp_path / "u.txt").write_text("some text\n")
+    with pytest.raises(config_validation.ConfigError, match="transfer_file.*preset is 'none'"):
+        distill.distill_and_evaluate(_config("bilstm_nokd", teacher_dir, transfer_file=str(tmp_path / "u.txt")),
+                                     str(tmp_path / "e"))
     with pytest.raises(config_validation.ConfigError, match="temperature"):
         distill.distill_and_evaluate(_config("transformer3", teacher_dir, **{"distill.temperature": 0.0}),
                                      str(tmp_path / "a"))
@@ -115,7 +138,29 @@ def test_bad_input_fails_before_training(teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="cannot be initialised"):
         distill.distill_and_evaluate(_config("transformer3", teacher_dir, **{"student.num_layers": 5}),
                                      str(tmp_path / "c"))
-    assert not (tmp_path / "a" / "checkpoints").exists()
+    assert not any((tmp_path / n / "checkpoints").exists() for n in "ade")
+
+
+def test_cached_teacher_logits_are_reused_only_for_the_same_key(tmp_path):
+    path, calls = str(tmp_path / "t.npz"), []
+
+    def compute(value):
+        calls.append(value)
+        return np.full((3, 2), value, np.float32)
+
+    assert distill.cached_teacher_logits(path, "a", lambda: compute(1.0), (3, 2))[0, 0] == 1.0
+    assert distill.cached_teacher_logits(path, "a", lambda: compute(2.0), (3, 2))[0, 0] == 1.0  # cached
+    assert distill.cached_teacher_logits(path, "b", lambda: compute(3.0), (3, 2))[0, 0] == 3.0  # other rows
+    assert distill.cached_teacher_logits(path, "b", lambda: compute(4.0), (4, 2))[0, 0] == 4.0  # other shape
+    assert calls == [1.0, 3.0, 4.0]
+
+
+def test_transfer_key_changes_with_the_rows_and_the_teacher(teacher_dir, tiny_ner_teacher_dir):
+    task = load_task("synthetic", None, tokenizer=teacher_dir, max_length=16, synthetic_size=256)
+    key = distill.transfer_key(teacher_dir, [task.train])
+    assert distill.transfer_key(teacher_dir, [task.train]) == key
+    assert distill.transfer_key(teacher_dir, [task.train.select(np.arange(1, len(task.train)))]) != key
+    assert distill.transfer_key(tiny_ner_teacher_dir, [task.train]) != key
 
 
 # -- token tasks: the CNN-LSTM tagger student --------------------------------------------------------------
@@ -256,6 +301,46 @@ def test_cnn_lstm_student_distils_a_token_teacher(tiny_ner_teacher_dir, tmp_path
     exported = saved["best"] if saved["exported_step"] == saved["best"]["step"] else saved["final"]
     for key in ("span_f1", "token_accuracy"):
         assert reloaded[key] == pytest.approx(exported[key], abs=1e-6)
+
+
+def test_unlabeled_sentences_join_a_token_task_without_gold_tags(tiny_ner_teacher_dir, tmp_path):
+    """A transfer file's sentences are split into words, tagged by the teacher (first sub-token logits, after
+    the training rows), enter the student's vocabularies, and carry no gold tags (IGNORE everywhere)."""
+    lines = ["the quokka opened an office in paris .", "Zurich was nice"]
+    (tmp_path / "unlabeled.txt").write_text("\n".join(lines) + "\n")
+    config = _config("cnn_lstm", tiny_ner_teacher_dir, base_task="synthetic_ner", transfer_file=str(
+        tmp_path / "unlabeled.txt"), **TAGGER_TINY)
+    result = distill.distill_and_evaluate(config, str(tmp_path / "run"))
+    n_train = len(load_task("synthetic_ner", None, synthetic_size=256).train)
+    assert result["transfer_examples"] == n_train + 2
+    words = WordVocab.load(tmp_path / "run" / "model" / "word_vocab.json")
+    assert words.encode(["quokka", "zurich"]).min() > 1  # in the vocabulary (1 = unknown)
+    assert "Z" in CharVocab.load(tmp_path / "run" / "model" / "char_vocab.json").units
+
+    cached = np.load(tmp_path / "run" / "teacher_logits.npz")["logits"]
+    assert cached.shape == (n_train + 2, 16, 7)
+    teacher, _, t_params = models.load(tiny_ner_teacher_dir)
+    tok = load_task("synthetic_ner", None, tokenizer=tiny_ner_teacher_dir, max_length=16,
+                    synthetic_size=256).tokenizer
+    for row, line in zip(cached[-2:], lines):
+        pieces = tok.pieces(line.split())
+        starts = np.cumsum([1] + [len(p) for p in pieces[:-1]])
+        ids = jnp.asarray([[tok.cls_id, *[i for p in pieces for i in p], tok.sep_id]])
+        ref = teacher.apply({"params": t_params}, ids, attention_mask=jnp.ones_like(ids),
+                            token_type_ids=jnp.zeros_like(ids)).logits[0]
+        np.testing.assert_allclose(row[:len(pieces)], np.asarray(ref)[starts], atol=1e-4)
+        assert not row[len(pieces):].any()
+
+    # Built the way the job builds it: gold tags on the training rows only.
+    task = load_task("synthetic_ner", None, tokenizer=tiny_ner_teacher_dir, max_length=16, synthetic_size=256,
+                     word_vocab=words, char_vocab=CharVocab.load(tmp_path / "run" / "model" / "char_vocab.json"))
+    raw = distill._read_transfer_file(config, task, distill._preset(config))
+    train = distill._transfer_split(task, [distill._unlabeled_split(task, raw, 8)], cached, tagger=True)
+    for batch in train.batches(64, drop_remainder=False):
+        real = batch["example_weight"] > 0
+        labelled = (batch["labels"] != IGNORE).any(-1)
+        np.testing.assert_array_equal(labelled[real], batch["has_label"][real] == 1)
+        assert (batch["example_index"][real][batch["has_label"][real] == 0] >= n_train).all()
 
 
 def test_token_task_bad_input_fails_before_training(tiny_ner_teacher_dir, tmp_path):

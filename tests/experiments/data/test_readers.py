@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from experiments.data.readers import RawSplit, infer_label_values, label_ids, read_conll, read_delimited, read_jsonl
+from experiments.data.readers import (RawSplit, infer_label_values, label_ids, read_conll, read_delimited, read_jsonl,
+                                     read_unlabeled)
 
 
 def test_tsv_with_header_single_sentence(write):
@@ -106,3 +107,25 @@ def test_label_ids_maps_and_names_the_line_of_an_unknown_label(write):
 def test_infer_label_values_orders_bio_by_type():
     raw = RawSplit("x", [["I-PER", "O", "B-LOC", "B-PER"]], [[1, 2, 3, 4]], tokens=[["a", "b", "c", "d"]])
     assert infer_label_values(raw) == ["O", "B-LOC", "B-PER", "I-PER"]
+
+
+def test_unlabeled_transfer_text_per_kind(write):
+    path = write("u.txt", "\ufeffParis is big, isn't it?\n\n  \nNew York\n")
+    raw = read_unlabeled(path, kind="token")
+    assert raw.tokens == [["Paris", "is", "big", ",", "isn't", "it", "?"], ["New", "York"]]
+    assert raw.lines == [1, 4] and raw.labels == ["", ""] and raw.texts is None
+    raw = read_unlabeled(path, kind="sequence")
+    assert raw.texts == ["Paris is big, isn't it?", "New York"] and raw.texts_b is None
+    pairs = read_unlabeled(write("p.txt", "a cat\ta dog\n\nred\tblue \n"), kind="sequence", is_pair=True)
+    assert pairs.texts == ["a cat", "red"] and pairs.texts_b == ["a dog", "blue"] and pairs.lines == [1, 3]
+
+
+def test_unlabeled_transfer_errors_name_the_line(write, tmp_path):
+    with pytest.raises(ValueError, match=r"u.txt:2: expected one text without tabs, found 2"):
+        read_unlabeled(write("u.txt", "fine\ntext\tpositive\n"), kind="sequence")
+    with pytest.raises(ValueError, match=r"p.txt:1: expected two tab-separated texts \(a pair task\), found 1"):
+        read_unlabeled(write("p.txt", "only one text\n"), kind="sequence", is_pair=True)
+    with pytest.raises(ValueError, match="no examples"):
+        read_unlabeled(write("e.txt", "\n\n"), kind="token")
+    with pytest.raises(FileNotFoundError, match="missing data file"):
+        read_unlabeled(str(tmp_path / "absent.txt"), kind="token")

@@ -131,7 +131,8 @@ def _sample_batch(family: str, cfg, batch: int, seq: int) -> dict:
         return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(ones),
                 "token_type_ids": jnp.zeros_like(jnp.asarray(ids))}
     if family == "cnn_lstm":
-        chars = rng.integers(1, max(cfg.char_vocab_size - 1, 2), (batch, seq, 12)).astype(np.int32)
+        chars = rng.integers(1, max(cfg.char_vocab_size - 1, 2), (batch, seq, cfg.max_chars_per_token))
+        chars = chars.astype(np.int32)
         return {"word_ids": jnp.asarray(ids), "char_ids": jnp.asarray(chars), "word_mask": jnp.asarray(ones)}
     out = {"word_ids": jnp.asarray(ids), "word_mask": jnp.asarray(ones)}
     if getattr(cfg, "pair", False):

@@ -10,8 +10,8 @@ task's folder laid out as in ../shared/data (defaults to that folder beside the 
 ``model_dir`` is a Hugging Face BERT checkpoint directory (default: the MiniLM package's ``model/``).
 Override any field with ``--config.a.b=value``. Re-running the same command in the same workdir resumes.
 
-Expected results and runtimes. SST-2, MRPC, RTE and WikiANN are measured (the shipped configs, run on a 2-core CPU shared
-with other jobs, with ``--config.parallelism=shard_map``, which computes the same update); the other rows are
+Expected results and runtimes. SST-2, MRPC, RTE and WikiANN are measured (the shipped configs, run on a 2-core CPU
+shared with other jobs, with ``--config.parallelism=shard_map``, which computes the same update); the other rows are
 estimates not yet measured (runtimes scaled from MRPC's measured 5.6 s per step). Runs keep the best dev
 checkpoint and export it:
 

@@ -214,9 +214,11 @@ def cached_teacher_logits(path: str, key: str, compute, shape: tuple[int, ...]) 
         os.replace(tmp, path)
     return logits
 
+
 def _read_transfer_file(config, task: TaskData, preset) -> RawSplit | None:
-    """The unlabeled transfer examples of ``config.transfer_file`` (None without one); checked before any
-    work: the file must exist and fit the task (one sentence per line, or two tab-separated texts for pairs)."""
+    """The unlabeled transfer examples of ``config.transfer_file`` (None without one), read and checked before
+    the teacher labels anything or training starts: the file must exist and fit the task (one sentence per line,
+    or two tab-separated texts for pairs)."""
     if not config.transfer_file:
         return None
     if preset is None:

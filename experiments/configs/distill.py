@@ -124,6 +124,9 @@ def get_config(arg: str = "synthetic,transformer3") -> ml_collections.ConfigDict
             c.num_train_steps = 700
             c.eval_every_steps = 350
             c.checkpoint.every_steps = 350
+        elif task == "mrpc":  # 3 epochs, the same steps as theseus.py:mrpc for a side-by-side comparison
+            c.num_train_steps = 344
+            c.eval_every_steps = c.checkpoint.every_steps = 115
     else:
         c.student.num_layers = 1  # Tang et al.: one BiLSTM layer
         c.optimizer.learning_rate = 1e-3

@@ -41,7 +41,9 @@ On MRPC (attentive BiLSTM pair student, ``--config.student.pooling=attention``, 
 + 3,668 augmented ones, 438 steps, about 6 minutes after the logits; final / best dev accuracy): from the
 single-task teacher (0.8186) 0.6789 / 0.7206, from the MRPC + RTE multi-task teacher (multitask.py, 0.8064) 0.6814 /
 0.7157, bilstm_nokd (training pairs only, 219 steps) 0.6838 / 0.6838 -- all near the majority class (0.684): 3,668
-pairs are too few for a BiLSTM trained from scratch, with or without a teacher.
+pairs are too few for a BiLSTM trained from scratch, with or without a teacher. The 3-layer Transformer on MRPC (344
+steps, 15-19 minutes; final / best accuracy, final F1): transformer3 0.7721 / 0.7721, F1 0.8468; transformer3_nokd
+0.7574 / 0.7672, F1 0.8342.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ setup(
     packages=find_packages(include=["compression*", "models*", "experiments*"]),
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=9,<10", "pytest-xdist>=3.8,<4"],
+        # jax2onnx: a second JAX -> ONNX converter, used only as a differential oracle for ours in tests.
+        "test": ["pytest>=9,<10", "pytest-xdist>=3.8,<4", "jax2onnx>=0.13,<0.14"],
         # CPU PyTorch, only as a parity oracle in tests and the peer in benchmarks; never imported at run time.
         "torch": ["torch>=2.13,<2.16"],
         "tensorrt": ["tensorrt>=10", "cuda-python"],

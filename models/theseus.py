@@ -89,11 +89,17 @@ def theseus_model(predecessor: TransformerConfig, successor: TransformerConfig,
 
 
 def successor_from_predecessor(predecessor: TransformerConfig, num_layers: int, num_kv_heads=None,
-                               **changes) -> TransformerConfig:
-    """A successor config: the predecessor's, with ``num_layers`` layers (per-layer fields taken from the
-    layers that initialise it) and optionally fewer key/value heads."""
+                               init_layers: tuple[int, ...] | None = None, **changes) -> TransformerConfig:
+    """A successor config: the predecessor's, with ``num_layers`` layers and optionally fewer key/value heads.
+
+    Per-layer fields (heads and FFN sizes of a pruned predecessor) are taken from the predecessor layers that
+    initialise the successor, ``init_layers`` (default: the first ``num_layers``; pass the same tuple to
+    :func:`init_from_predecessor`).
+    """
+    init_layers = _check_init_layers(predecessor, num_layers, init_layers)
+
     def per_layer(field_fn):
-        values = tuple(field_fn(i) for i in range(num_layers))
+        values = tuple(field_fn(i) for i in init_layers)
         return values[0] if len(set(values)) == 1 else values
 
     return predecessor.replace(num_layers=num_layers, num_heads=per_layer(predecessor.heads),
@@ -108,16 +114,14 @@ def init_from_predecessor(predecessor_cfg: TransformerConfig, predecessor_params
 
     Successor layer i starts as a copy of predecessor layer ``init_layers[i]`` (default: the first layers,
     ``0 .. n-1``, as the reference implementation does); when the successor has fewer key/value heads, its
-    key/value projections are the mean of each group's predecessor heads (:func:`compression.theseus.mean_pool_kv_heads`).
+    key/value projections are the mean of each group's predecessor heads
+    (:func:`compression.theseus.mean_pool_kv_heads`).
     """
     num_modules = num_modules or successor_cfg.num_layers
     check_compatible(predecessor_cfg, successor_cfg, num_modules)
     if predecessor_cfg.fused_qkv:
         raise ValueError("unfuse the predecessor's QKV first (compression.fusion.unfuse_qkv)")
-    init_layers = tuple(range(successor_cfg.num_layers)) if init_layers is None else tuple(init_layers)
-    if len(init_layers) != successor_cfg.num_layers or max(init_layers) >= predecessor_cfg.num_layers:
-        raise ValueError(f"init_layers {init_layers} must name {successor_cfg.num_layers} predecessor layers "
-                         f"below {predecessor_cfg.num_layers}")
+    init_layers = _check_init_layers(predecessor_cfg, successor_cfg.num_layers, init_layers)
     k = predecessor_cfg.num_layers // num_modules
     j = successor_cfg.num_layers // num_modules
     layers = predecessor_params["encoder"]
@@ -129,6 +133,15 @@ def init_from_predecessor(predecessor_cfg: TransformerConfig, predecessor_params
                 for i in range(m * j, (m + 1) * j)}
         encoder[f"module_{m}"] = {"predecessor": pred, "successor": succ}
     return {**{n: v for n, v in predecessor_params.items() if n != "encoder"}, "encoder": encoder}
+
+
+def _check_init_layers(predecessor: TransformerConfig, num_layers: int,
+                       init_layers: tuple[int, ...] | None) -> tuple[int, ...]:
+    init_layers = tuple(range(num_layers)) if init_layers is None else tuple(init_layers)
+    if len(init_layers) != num_layers or not all(0 <= i < predecessor.num_layers for i in init_layers):
+        raise ValueError(f"init_layers {init_layers} must name {num_layers} predecessor layers "
+                         f"in 0..{predecessor.num_layers - 1}")
+    return init_layers
 
 
 def _successor_layer(pred_cfg: TransformerConfig, succ_cfg: TransformerConfig, layer: dict, src: int,

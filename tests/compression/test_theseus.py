@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from compression import theseus
+from compression.pruning import compaction
 from models import theseus as tmodels
 from models.transformer import Transformer, TransformerConfig
 
@@ -101,22 +102,52 @@ def test_no_retracing_per_sampled_pattern():
     assert len({np.asarray(o).tobytes() for o in outs}) > 1  # different patterns were sampled
 
 
+def _identical_kv_heads(cfg: TransformerConfig, params: dict) -> dict:
+    """Every layer's key/value heads made copies of its first one, so sharing one key/value head changes nothing."""
+    d = cfg.dim_per_head
+    for i in range(cfg.num_layers):
+        att = params["encoder"][f"layer_{i}"]["attention"]
+        for name in ("key", "value"):
+            att[name] = {"kernel": jnp.tile(att[name]["kernel"][:, :d], (1, cfg.heads(i))),
+                         "bias": jnp.tile(att[name]["bias"][:d], cfg.heads(i))}
+    return params
+
+
 def test_mean_pooled_mqa_init_reproduces_model_with_identical_kv_heads():
     params, ids = _predecessor()
     d = PRED.dim_per_head
-    # Make every layer's key/value heads identical, so sharing one key/value head changes nothing.
-    for i in range(PRED.num_layers):
-        att = params["encoder"][f"layer_{i}"]["attention"]
-        for name in ("key", "value"):
-            k0 = att[name]["kernel"][:, :d]
-            b0 = att[name]["bias"][:d]
-            att[name] = {"kernel": jnp.tile(k0, (1, 4)), "bias": jnp.tile(b0, 4)}
+    params = _identical_kv_heads(PRED, params)
     succ_cfg = tmodels.successor_from_predecessor(PRED, 4, num_kv_heads=1)
     tparams = tmodels.init_from_predecessor(PRED, params, succ_cfg, num_modules=2)
     mqa_cfg, mqa_params = tmodels.extract_successor(PRED, succ_cfg, tparams, num_modules=2)
     assert mqa_params["encoder"]["layer_0"]["attention"]["key"]["kernel"].shape == (16, d)
     np.testing.assert_allclose(Transformer(mqa_cfg).apply({"params": mqa_params}, ids).logits,
                                Transformer(PRED).apply({"params": params}, ids).logits, atol=1e-5)
+
+
+def test_mqa_successor_of_a_head_pruned_predecessor():
+    """After head pruning each successor layer takes its head count from the predecessor layer that
+    initialises it, and the mean-pooled multi-query successor still reproduces identical key/value heads."""
+    params, ids = _predecessor()
+    keep = {0: [1, 0, 1, 1], 1: [1, 1, 1, 1], 2: [0, 1, 0, 0], 3: [1, 1, 1, 1]}
+    pruned_cfg, pruned = compaction.compact(PRED, params, {i: np.array(m, np.float32) for i, m in keep.items()})
+    assert pruned_cfg.num_heads == (3, 4, 1, 4)
+    pruned = _identical_kv_heads(pruned_cfg, pruned)
+    want = Transformer(pruned_cfg).apply({"params": pruned}, ids).logits
+
+    every_other = tmodels.successor_from_predecessor(pruned_cfg, 2, num_kv_heads=1, init_layers=(0, 2))
+    assert every_other.num_heads == (3, 1) and every_other.kv_heads(0) == every_other.kv_heads(1) == 1
+    tmodels.init_from_predecessor(pruned_cfg, pruned, every_other, init_layers=(0, 2))  # head counts agree
+
+    succ_cfg = tmodels.successor_from_predecessor(pruned_cfg, 4, num_kv_heads=1)
+    tparams = tmodels.init_from_predecessor(pruned_cfg, pruned, succ_cfg, num_modules=2)
+    mqa_cfg, mqa_params = tmodels.extract_successor(pruned_cfg, succ_cfg, tparams, num_modules=2)
+    assert mqa_params["encoder"]["layer_0"]["attention"]["key"]["kernel"].shape == (16, PRED.dim_per_head)
+    np.testing.assert_allclose(Transformer(mqa_cfg).apply({"params": mqa_params}, ids).logits, want, atol=1e-5)
+    with pytest.raises(ValueError, match="layer 0: num_kv_heads=2 must be >= 1 and divide num_heads=3"):
+        tmodels.successor_from_predecessor(pruned_cfg, 4, num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"init_layers \(0, 4\) must name 2 predecessor layers in 0..3"):
+        tmodels.successor_from_predecessor(pruned_cfg, 2, init_layers=(0, 4))
 
 
 def test_mean_pool_kv_heads_by_hand():

@@ -110,10 +110,10 @@ def theseus_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
     if config.checkpoint.best_metric and config.checkpoint.best_metric not in task.metric_names + ["loss"]:
         raise config_validation.ConfigError(f"config.checkpoint.best_metric={config.checkpoint.best_metric!r} is "
                                             f"not a metric of task {task.name}; allowed: {task.metric_names}")
+    theseus.check_grouping(pred_cfg.num_layers, t.successor_layers)  # depth must divide: before work
     source_layers = init_layers(pred_cfg.num_layers, t.successor_layers, t.init)
     succ_cfg = theseus_models.successor_from_predecessor(
         pred_cfg, t.successor_layers, num_kv_heads=t.num_kv_heads or None, init_layers=source_layers)
-    theseus_models.check_compatible(pred_cfg, succ_cfg, t.successor_layers)  # depth must divide: before work
     params = theseus_models.init_from_predecessor(pred_cfg, pred_params, succ_cfg, init_layers=source_layers)
     model = theseus_models.theseus_model(pred_cfg, succ_cfg)
     os.makedirs(workdir, exist_ok=True)

@@ -18,8 +18,9 @@ Variants:
 * ``float16_unscaled``: float16 without loss scaling (warns; shows what the scaling buys).
 
 Prints a table (dev metric mean / min / max over seeds, mean difference to float32 in points, final train
-loss, skipped steps) and writes ``WORKDIR/precision_train.json`` (per-run details included). A variant whose run fails (e.g. a non-finite
-loss without loss scaling) is reported with its error instead of stopping the others. The acceptance
+loss, skipped steps) and writes ``WORKDIR/precision_train.json`` (per-run details included). A variant whose
+run fails (e.g. a non-finite loss without loss scaling) is reported with its error instead of stopping the
+others. The acceptance
 target: float16 with loss scaling within 0.5 points of float32. Runtime: the task's run time per variant
 (synthetic: about a minute or two each on 2 CPU cores, more for 16 bits, which XLA on CPU runs slowly).
 """

@@ -158,7 +158,8 @@ def _write_results(stage_dir: str, results: dict) -> None:
 def quantize_stage(model_dir: str, task, stage_dir: str, *, calibrator: str, calibration_batches: int,
                    seed: int = 0) -> dict:
     """Post-training int8 of a Transformer: calibrate on training batches, score the fake-quantized and the
-    real int8 model on dev; writes the ``quant`` collection (:data:`~experiments.qat.QUANT_STATE_FILE`) for export and the report."""
+    real int8 model on dev; writes the ``quant`` collection (:data:`~experiments.qat.QUANT_STATE_FILE`) for
+    export and the report."""
     import models
     from compression import quantization as q
     from experiments import evaluation, export

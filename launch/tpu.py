@@ -12,10 +12,10 @@ Sub-commands (each prints the ``gcloud`` commands it runs; ``--dry_run`` only pr
 resource (``gcloud compute tpus queued-resources create``), the way large pod slices and spot capacity are
 obtained. ``bootstrap`` clones the repository on every worker (``ssh --worker=all``) and installs it with the
 pinned constraints and JAX's TPU wheel. ``run`` starts ``python -m experiments.main`` on every worker at once:
-on a TPU VM JAX finds the other hosts by itself (``--distributed`` is added: ``jax.distributed.initialize()`` without arguments), each host
-feeds its shard of the data, and pmap reduces over all chips of the slice. The workdir should be a bucket
-(``gs://...``) or a disk every worker sees, so that a preempted slice resumes from the same checkpoints: rerun
-``run`` with the same arguments (see the README section on launching).
+on a TPU VM JAX finds the other hosts by itself (``--distributed`` is added: ``jax.distributed.initialize()``
+without arguments), each host feeds its shard of the data, and pmap reduces over all chips of the slice. The
+workdir should be a bucket (``gs://...``) or a disk every worker sees, so that a preempted slice resumes from
+the same checkpoints: rerun ``run`` with the same arguments (see the README section on launching).
 
 Nothing here is needed to use the package on one machine; ``launch/local_multiprocess.py`` exercises the same
 multi-host code path on one CPU.

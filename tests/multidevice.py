@@ -19,8 +19,8 @@ def device_env(n: int) -> dict:
 
 def run_with_devices(code: str, n: int = 8, timeout: int = 300) -> str:
     """Runs ``code`` with ``n`` CPU devices; fails the test with its output when it exits non-zero."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=device_env(n), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=device_env(n),
+                          capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout

@@ -136,7 +136,8 @@ def lower_ops(ctx: Context, ops, matches: Mapping[int, object]) -> None:
         except ExportError as e:
             if "from module" in str(e):
                 raise
-            raise ExportError(f"cannot lower primitive {op.name!r} from module {op.scope or '<top level>'!r}: {e}") from e
+            scope = op.scope or "<top level>"
+            raise ExportError(f"cannot lower primitive {op.name!r} from module {scope!r}: {e}") from e
         ctx.env.update(zip(op.outputs, values))
 
 

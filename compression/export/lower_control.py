@@ -51,7 +51,8 @@ def _scan(ctx, op, *args):
         if p["reverse"]:
             index = child.op("Sub", [child.op("Sub", [trip, child.const(np.array(1, np.int64))]), iter_name])
         for var, x in zip(in_vars[n_consts + n_carry:], xs):
-            sub.env[var] = Value(child.op("Gather", [x, index], axis=0), tuple(var.aval.shape), np.dtype(var.aval.dtype))
+            sub.env[var] = Value(child.op("Gather", [x, index], axis=0), tuple(var.aval.shape),
+                                 np.dtype(var.aval.dtype))
 
     lower_ops(sub, body.ops, patterns.find(body))
     child.scope = op.scope

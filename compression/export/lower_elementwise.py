@@ -134,7 +134,8 @@ def _round(ctx, op, x):
         return ctx.graph.op("Round", [x])
     # AWAY_FROM_ZERO: sign(x) * floor(|x| + 0.5)
     g = ctx.graph
-    return g.op("Mul", [g.op("Sign", [x]), g.op("Floor", [g.op("Add", [g.op("Abs", [x]), _scalar(ctx, 0.5, x.dtype)])])])
+    magnitude = g.op("Floor", [g.op("Add", [g.op("Abs", [x]), _scalar(ctx, 0.5, x.dtype)])])
+    return g.op("Mul", [g.op("Sign", [x]), magnitude])
 
 
 @register("is_finite")

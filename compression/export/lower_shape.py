@@ -163,8 +163,8 @@ def _pad(ctx, op, x, value):
     if neg:
         out_shape = op.outputs[0].aval.shape
         begin = [-min(int(config[i][0]), 0) for i in neg]
-        y = g.op("Slice", [y, _ints(ctx, begin), g.shape_tensor([b + d for b, d in zip(begin, [out_shape[i] for i in neg])]),
-                           _ints(ctx, neg)])
+        end = g.shape_tensor([b + out_shape[i] for b, i in zip(begin, neg)])
+        y = g.op("Slice", [y, _ints(ctx, begin), end, _ints(ctx, neg)])
     return y
 
 

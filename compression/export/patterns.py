@@ -533,7 +533,7 @@ def _mask(prog: Program, m_var, b, sk, cache: dict):
         return cache[id(m_var)]
     cache[id(m_var)] = None
     s = m_var.aval.shape
-    if len(s) != 4 or not (dims_equal(s[0], b) and dims_equal(s[1], 1) and dims_equal(s[2], 1) and dims_equal(s[3], sk)):
+    if len(s) != 4 or not all(dims_equal(got, want) for got, want in zip(s, (b, 1, 1, sk))):
         return None
     allowed = _LAYOUT | {"gt", "ge", "lt", "le", "eq", "ne", "select_n", "sub", "mul", "add", "neg", "not"}
 

@@ -99,7 +99,8 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
         if key not in casts:
             a = numpy_helper.to_array(t)
             a = _to_f16(a) if dtype == TensorProto.FLOAT16 else a.astype(np.float32)
-            out = name if not needed_in_both(name) else fresh(f"{name}_{'fp16' if dtype == TensorProto.FLOAT16 else 'fp32'}")
+            suffix = "fp16" if dtype == TensorProto.FLOAT16 else "fp32"
+            out = name if not needed_in_both(name) else fresh(f"{name}_{suffix}")
             new_inits[out] = numpy_helper.from_array(a, out)
             current[out] = dtype
             casts[key] = out

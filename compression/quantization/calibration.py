@@ -25,9 +25,9 @@ threshold and the scale ``threshold / qmax`` (asymmetric rules: min/max), stored
 collection at the places :mod:`compression.quantization.rules` documents.
 
 Batches: each element of ``batches`` is a tuple (positional arguments after ``variables``), a dict (keyword
-arguments), a :class:`Call` (both) or a single array (one positional argument); ``apply_kwargs`` (e.g. ``{"train": False}``) are added
-to every call. Array arguments are traced; any other argument (bools, ints, strings, None) is static. A
-one-shot iterator is materialised into a list (two passes).
+arguments), a :class:`Call` (both) or a single array (one positional argument); ``apply_kwargs`` (e.g.
+``{"train": False}``) are added to every call. Array arguments are traced; any other argument (bools, ints,
+strings, None) is static. A one-shot iterator is materialised into a list (two passes).
 
 Bad input: zero batches, non-finite values (the first module in call order that sees them is named),
 already-calibrated variables and rules that match nothing raise ``ValueError``; an all-zero or constant
@@ -286,8 +286,9 @@ def _batches_list(batches) -> list:
 
 def check_not_quantized(variables: Mapping, what: str) -> None:
     if not isinstance(variables, Mapping) or "params" not in variables:
+        keys = list(variables) if isinstance(variables, Mapping) else "-"
         raise ValueError(f"{what}: variables must be a dict with a 'params' collection "
-                         f"(got {type(variables).__name__} with keys {list(variables) if isinstance(variables, Mapping) else '-'})")
+                         f"(got {type(variables).__name__} with keys {keys})")
     if QUANT in variables:
         raise ValueError(f"{what}: the variables already have a {QUANT!r} collection: the model is already "
                          f"quantized/calibrated. Drop variables[{QUANT!r}] to calibrate again.")

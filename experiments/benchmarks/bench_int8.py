@@ -15,8 +15,9 @@ model; the figure is the ratio of median times (target >= 2.5x). Also timed, int
   from the same hardware.
 
 The int8 path computes what the fake-quantized model computes: ``int8_vs_fake_quant_rel_diff`` is
-``max |int8 - fake| / max |fake|`` of the last hidden state (0 when the integer sums stay exact in float32). Each XLA flag variant (``--variants``; default: this process and
-oneDNN custom calls) runs in its own subprocess, since XLA_FLAGS must be set before jax starts.
+``max |int8 - fake| / max |fake|`` of the last hidden state (0 when the integer sums stay exact in float32).
+Each XLA flag variant (``--variants``; default: this process and oneDNN custom calls) runs in its own
+subprocess, since XLA_FLAGS must be set before jax starts.
 
 int8 speed depends on the CPU's int8 dot-product instructions (``cpu_int8_isa`` in the JSON): AVX-512 VNNI or
 AMX give XLA's int8 GEMM several times float32 throughput; with AVX2 only it is about float32's.

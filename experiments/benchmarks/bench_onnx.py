@@ -16,8 +16,9 @@ onnxruntime's BERT optimizer (``model_type='bert'``, ``opt_level=1``, 2-D attent
   per-channel weights, activations quantized at run time).
 
 Latency: the candidates run interleaved, ``--rounds`` times at batch 32 x seq 128 and 32 x ``--rounds``
-times at 1 x 128 (median per call). Sessions use onnxruntime's defaults, whose integer matmuls on x86 CPUs without VNNI add uint8 x int8
-products in 16-bit pairs and saturate; ``--exact_int8`` switches every session to the exact (slower) kernels.
+times at 1 x 128 (median per call). Sessions use onnxruntime's defaults, whose integer matmuls on x86 CPUs
+without VNNI add uint8 x int8 products in 16-bit pairs and saturate; ``--exact_int8`` switches every session
+to the exact (slower) kernels.
 Accuracy (MiniLM is a sentence encoder with no task head): cosine similarity of each candidate's
 mean-pooled sentence embeddings to those of our JAX float32 model, over the dev sentences of ``--data_dir``
 (random token ids without it). Ratios: ours_fp32 / torch_fp32 latency (target <= 1.0); ours_fp32 /
@@ -119,7 +120,8 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data_dir", default=None, help="SST-2 folder: dev sentences for accuracy, train for calibration")
+    parser.add_argument("--data_dir", default=None,
+                        help="SST-2 folder: dev sentences for accuracy, train for calibration")
     parser.add_argument("--calib_batches", type=int, default=16, help="int8 calibration batches of 32 sentences")
     parser.add_argument("--calib_method", default=None, help="max, percentile:99.99, mse or entropy (default: rules')")
     parser.add_argument("--eval_sentences", type=int, default=872)

@@ -169,7 +169,8 @@ def main(argv=None) -> dict:
         [{"gradients": "float16, no loss scaling", "flushed_to_zero": uf["float16_flushed_fraction"],
           "subnormal": uf["float16_subnormal_fraction"]},
          {"gradients": f"float16, loss scale 2^{int(np.log2(uf['loss_scale']))}",
-          "flushed_to_zero": uf["float16_scaled_flushed_fraction"], "subnormal": uf["float16_scaled_subnormal_fraction"]}],
+          "flushed_to_zero": uf["float16_scaled_flushed_fraction"],
+          "subnormal": uf["float16_scaled_subnormal_fraction"]}],
         ["gradients", "flushed_to_zero", "subnormal"],
         f"Float16 gradient underflow (small Transformer, {uf['batches']} random batches; fractions of the "
         f"{uf['nonzero_in_float32']} gradient entries nonzero in float32)")

@@ -22,7 +22,8 @@ rng = np.random.default_rng(0)
 B, S = 32, 16
 
 def max_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 def run(loss_fn, params, tx, batch, mode, devices, steps=2):
     par = DataParallel(mode, devices)

@@ -47,6 +47,6 @@ def test_curve_compaction_and_saved_model(tiny_teacher_dir, tmp_path):
     assert curve[-1]["accuracy"] == pytest.approx(masked_acc, abs=1e-9)
     # and the logits agree closely (masking multiplies a removed head by 0; compaction drops it)
     ids = jnp.asarray(first["input_ids"])
-    kw = {"attention_mask": jnp.asarray(first["attention_mask"]), "token_type_ids": jnp.asarray(first["token_type_ids"])}
+    kw = {name: jnp.asarray(first[name]) for name in ("attention_mask", "token_type_ids")}
     np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids, **kw).logits),
                                np.asarray(apply_fn(masked, ids, **kw).logits), atol=1e-5)

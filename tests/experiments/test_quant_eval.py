@@ -190,7 +190,8 @@ def test_cnn_lstm_tagger(cnn_lstm_dir):
 
 def test_rules_that_select_nothing_fail_before_calibration(cnn_lstm_dir):
     model, _, params, task = evaluation.load_model_task(cnn_lstm_dir, synthetic_size=SIZE)
-    with pytest.raises(ValueError, match=r"quant_eval \(cnn_lstm\): QuantRule #0 \(module_path='\^lstm/'.*matched no module"):
+    with pytest.raises(ValueError,
+                       match=r"quant_eval \(cnn_lstm\): QuantRule #0 \(module_path='\^lstm/'.*matched no module"):
         quant_eval.evaluate_quantized(model, params, task, ("max",), rules=(q.QuantRule("^lstm/"),))
     with pytest.raises(ValueError, match="select no module to quantize"):
         quant_eval.evaluate_quantized(model, params, task, ("max",),

@@ -72,9 +72,11 @@ def test_tang_logit_mse_and_textbrewer_soft_ce():
 
 def _tinybert_outputs(b=2, s=3, n_s=2, n_t=4, h_s=4, h_t=6, heads=2, seed=1):
     rng = np.random.default_rng(seed)
-    student = {"logits": rng.normal(size=(b, 3)), "hidden_states": [rng.normal(size=(b, s, h_s)) for _ in range(n_s + 1)],
+    student = {"logits": rng.normal(size=(b, 3)),
+               "hidden_states": [rng.normal(size=(b, s, h_s)) for _ in range(n_s + 1)],
                "attention_scores": [rng.normal(size=(b, heads, s, s)) for _ in range(n_s)]}
-    teacher = {"logits": rng.normal(size=(b, 3)), "hidden_states": [rng.normal(size=(b, s, h_t)) for _ in range(n_t + 1)],
+    teacher = {"logits": rng.normal(size=(b, 3)),
+               "hidden_states": [rng.normal(size=(b, s, h_t)) for _ in range(n_t + 1)],
                "attention_scores": [rng.normal(size=(b, heads, s, s)) for _ in range(n_t)]}
     return student, teacher
 
@@ -91,8 +93,8 @@ def test_tinybert_reproduces_task_distill_without_padding():
     att = sum(np.mean((student["attention_scores"][i] - teacher["attention_scores"][i * k + k - 1]) ** 2)
               for i in range(2))
     # hidden: student_reps[i] (projected by fit_dense) vs teacher_reps[i * k], embeddings included
-    rep = sum(np.mean((student["hidden_states"][i] @ proj["kernel"] + proj["bias"] - teacher["hidden_states"][i * k]) ** 2)
-              for i in range(3))
+    hs, ht = student["hidden_states"], teacher["hidden_states"]
+    rep = sum(np.mean((hs[i] @ proj["kernel"] + proj["bias"] - ht[i * k]) ** 2) for i in range(3))
     np.testing.assert_allclose(aux["kd"], cls, rtol=1e-5)
     np.testing.assert_allclose(aux["attention"], att, rtol=1e-5)
     np.testing.assert_allclose(aux["hidden"], rep, rtol=1e-5)
@@ -112,8 +114,9 @@ def test_tinybert_padding_keeps_denominator_and_ignores_padded_values():
     loss, aux = distill_loss(PRESETS["tinybert_intermediate"], student, teacher, batch, projections=proj)
     # mean_all: masked sum over the full B x S x H (hidden) and B x N x S x S (attention) counts.
     proj_np = {k: np.asarray(v) for k, v in proj.items()}
-    rep = sum((((student["hidden_states"][i] @ proj_np["kernel"] + proj_np["bias"] - teacher["hidden_states"][2 * i]) ** 2)
-               * mask[..., None]).sum() / (2 * 3 * 6) for i in range(3))
+    hs, ht = student["hidden_states"], teacher["hidden_states"]
+    rep = sum((((hs[i] @ proj_np["kernel"] + proj_np["bias"] - ht[2 * i]) ** 2) * mask[..., None]).sum() / (2 * 3 * 6)
+              for i in range(3))
     pair = mask[:, None, :, None] * mask[:, None, None, :]
     att = sum((((student["attention_scores"][i] - teacher["attention_scores"][2 * i + 1]) ** 2) * pair).sum()
               / (2 * 2 * 3 * 3) for i in range(2))

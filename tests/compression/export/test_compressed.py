@@ -22,7 +22,8 @@ def _head_reshapes(model: onnx.ModelProto) -> list[int]:
         if n.op_type == "Softmax":
             heads.append(None)
         shape = inits.get(n.input[1]) if n.op_type == "Reshape" else None
-        if shape is not None and shape.shape == (4,) and shape[0] == 0 and shape[1] == 0 and heads and heads[-1] is None:
+        is_head_reshape = shape is not None and shape.shape == (4,) and shape[0] == 0 and shape[1] == 0
+        if is_head_reshape and heads and heads[-1] is None:
             heads[-1] = int(shape[2])
     return heads
 

@@ -139,7 +139,8 @@ def test_nan_parameter_is_named(tmp_path, tiny):
     bad = jax.tree.map(np.array, variables)
     bad["params"]["encoder"]["layer_0"]["intermediate"]["kernel"][1, 2] = np.nan
     bad["params"]["pooler"]["dense"]["bias"][0] = np.inf
-    with pytest.raises(ExportError, match=r"params/encoder/layer_0/intermediate/kernel \(1 NaN.*params/pooler/dense/bias \(0 NaN, 1 inf"):
+    with pytest.raises(ExportError, match=r"params/encoder/layer_0/intermediate/kernel \(1 NaN.*"
+                                          r"params/pooler/dense/bias \(0 NaN, 1 inf"):
         _export(model, bad, tmp_path / "m.onnx")
     assert os.listdir(tmp_path) == []
 

@@ -68,7 +68,8 @@ def test_layernorm_gelu_softmax_are_whole_ops():
 def test_gelu_erf_form_and_non_gelu_product():
     # 0.5 * x * (1 + erf(x / sqrt2)) is GELU; 0.5 * x * (1 + erf(x / 2)) is not and stays as traced.
     x = np.linspace(-3, 3, 12, dtype=np.float32).reshape(2, 6)
-    gelu = _lower(lambda v, x: x * 0.5 * (1 + jax.lax.erf(x / np.float32(math.sqrt(2)))), {}, {"x": x}, {"x": (None, None)})
+    gelu = _lower(lambda v, x: x * 0.5 * (1 + jax.lax.erf(x / np.float32(math.sqrt(2)))), {}, {"x": x},
+                  {"x": (None, None)})
     other = _lower(lambda v, x: 0.5 * x * (1 + jax.lax.erf(x / 2)), {}, {"x": x}, {"x": (None, None)})
     assert _ops(gelu) == ["Div", "Erf", "Add", "Mul", "Mul"]
     div = gelu.graph.node[0]

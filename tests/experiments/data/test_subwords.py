@@ -22,7 +22,8 @@ class Custom:
 def test_accepted_forms(wordpiece, tmp_path):
     direct = as_subword_tokenizer(wordpiece)
     assert isinstance(direct, SubwordTokenizer)
-    assert (direct.cls_id, direct.sep_id, direct.pad_id, direct.unk_id) == tuple(ids("[CLS]", "[SEP]", "[PAD]", "[UNK]"))
+    special = (direct.cls_id, direct.sep_id, direct.pad_id, direct.unk_id)
+    assert special == tuple(ids("[CLS]", "[SEP]", "[PAD]", "[UNK]"))
     assert direct.pieces(["Johnson was good", ""]) == [ids("john", "##son", "was", "good"), []]
     assert as_subword_tokenizer(Wrapper(wordpiece)).pieces(["good"]) == [ids("good")]
     wordpiece.save(str(tmp_path / "tokenizer.json"))

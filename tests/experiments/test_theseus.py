@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import models
+from compression.pruning import compaction
 from experiments import evaluation, theseus
 from experiments.configs import theseus as theseus_configs
 from experiments.data import load_task
@@ -71,6 +72,23 @@ def test_job_trains_only_the_successor_and_exports_it_alone(tiny_teacher_dir, tm
     log = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     probs = [r["replace_prob"] for r in log if "replace_prob" in r]
     assert probs and all(0.3 <= p <= 1.0 for p in probs)
+
+
+def test_multi_query_successor_of_a_head_pruned_teacher(tiny_teacher_dir, tmp_path):
+    """The job takes a compacted predecessor (layer 1 pruned to one head): each successor layer keeps its source
+    layer's head count, with one shared key/value head (mean-pooled in layer 0, already one in layer 1)."""
+    _, teacher_cfg, teacher = models.load(tiny_teacher_dir)
+    pruned_cfg, pruned = compaction.compact(teacher_cfg, teacher, {1: np.array([0.0, 1.0], np.float32)})
+    pruned_dir = tmp_path / "pruned"
+    models.save(pruned_dir, "transformer", pruned_cfg, pruned, tokenizer_dir=tiny_teacher_dir,
+                extra=models.read_meta(tiny_teacher_dir)["extra"])
+    theseus.theseus_and_evaluate(_config(str(pruned_dir), "synthetic,linear,mqa", successor_layers=2),
+                                 str(tmp_path / "w"))
+    _, cfg, params = models.load(tmp_path / "w" / "model")
+    assert cfg.num_heads == (2, 1) and cfg.num_kv_heads == 1
+    d = teacher_cfg.dim_per_head
+    assert [params["encoder"][f"layer_{i}"]["attention"]["key"]["kernel"].shape for i in (0, 1)] == [
+        (teacher_cfg.hidden_size, d)] * 2
 
 
 def test_depth_that_does_not_divide_fails_before_work(tiny_teacher_dir, tmp_path):

@@ -10,7 +10,9 @@ The argument is ``TASK,SCHEDULE`` with SCHEDULE ``constant`` (p = 0.5 for the fi
 successor layers one shared key/value head (multi-query attention, initialised by mean-pooling the
 predecessor's heads). The 6-layer MiniLM teacher becomes a 3-layer successor (one predecessor module of two
 layers per successor layer), initialised from the teacher's layers 0, 2, 4. Only successor layers train, on
-gold labels (no distillation loss); evaluation and the exported ``model/`` are the successor alone.
+gold labels (no distillation loss); evaluation and the exported ``model/`` are the successor alone. The teacher
+may be a head-pruned, compacted model (``experiments.prune``'s ``OUT/model``): each successor layer keeps the
+head count of the layer it starts from, also with ``mqa``.
 
 Measured on SST-2 from the MiniLM teacher (0.8933; 700 steps, 13-20 minutes on 2 idle CPU cores), dev accuracy for
 seeds 0 / 1 / 2: linear 0.8681 / 0.8601 / 0.8761 (mean 0.8681), constant 0.8647 / 0.8509 / 0.8681 (mean 0.8612);

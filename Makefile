@@ -33,7 +33,7 @@ test: install
 
 bench: install
 	mkdir -p $(BENCH_OUT)
-	$(PY) -m experiments.benchmarks.run_all --out_dir $(BENCH_OUT)
+	$(PY) -m experiments.benchmarks.run_all --out_dir=$(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) runs $(BENCH_OUT)

@@ -1,15 +1,18 @@
 """Entry point: ``python -m experiments.main --config=experiments/configs/finetune.py:TASK --workdir=DIR``.
 
-Parses flags and runs the config's job (``config.job``: fine-tuning by default, ``distill``, ``theseus``,
-``l0``, ``recipe``, ``multitask``; see :data:`JOBS`); everything else lives in the library.
-Override config fields with ``--config.a.b=value``. Multi-host runs join the cluster first: on TPU VMs and
-pod slices pass ``--distributed`` (JAX finds the coordinator); on one machine ``launch/local_multiprocess.py``
-passes ``--coordinator_address``, ``--num_processes``, ``--process_id`` and ``--cpu_collectives=gloo``.
+Parses flags and runs the config's job (``config.job``, one of :data:`experiments.jobs.registry.JOBS`:
+``finetune``, ``distill``, ``theseus``, ``l0``, ``qat``, ``multitask``, ``prune``, ``quantize``, ``export``,
+``recipe``); everything else lives in the library. Override config fields with ``--config.a.b=value``; an
+unknown field is named with the closest known one before anything runs. Multi-host runs join the cluster
+first: on TPU VMs and pod slices pass ``--distributed`` (JAX finds the coordinator); on one machine
+``launch/local_multiprocess.py`` passes ``--coordinator_address``, ``--num_processes``, ``--process_id`` and
+``--cpu_collectives=gloo``.
 """
 
 from __future__ import annotations
 
-import importlib
+import difflib
+import importlib.util
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,35 +29,71 @@ _CPU_COLLECTIVES = flags.DEFINE_enum("cpu_collectives", None, ["gloo", "mpi"],
                                      "Cross-process collectives for CPU devices (local multi-process runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# config.job -> (module, function(config, workdir)); configs without ``job`` fine-tune.
-JOBS = {"finetune": ("experiments.train", "train_and_evaluate"),
-        "distill": ("experiments.distill", "distill_and_evaluate"),
-        "theseus": ("experiments.theseus", "theseus_and_evaluate"),
-        "l0": ("experiments.l0", "l0_and_evaluate"),
-        "recipe": ("experiments.recipes", "run_recipe"),
-        "multitask": ("experiments.multitask", "multitask_and_evaluate")}
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a config override of an unknown field (``--config.optimizer.learnin_rate=1``,
+    which ml_collections rejects with an AttributeError inside the parser) reported as a usage error that names
+    the field and the closest known one."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        raise SystemExit(f"FATAL Flags parsing error: {e}\nPass --help to see the flags.") from None
+    except (AttributeError, KeyError):
+        config = _config_from_argv(argv)
+        for arg in argv[1:]:
+            if config is not None and arg.startswith("--config."):
+                problem = _unknown_field(config, arg.split("=", 1)[0][len("--"):])
+                if problem:
+                    raise SystemExit(f"FATAL {problem}") from None
+        raise
+
+
+def _config_from_argv(argv: list[str]):
+    """The config that ``--config=FILE[:ARG]`` names, loaded as config_flags loads it (None if it cannot be)."""
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_nlpress_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _unknown_field(config, path: str) -> str | None:
+    """A message naming ``path`` (``config.a.b``) and the closest known field, if ``config`` lacks it."""
+    node = config
+    parts = path.split(".")
+    for i, part in enumerate(parts[1:], start=1):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            close = difflib.get_close_matches(part, keys, n=1)
+            where = ".".join(parts[:i])
+            hint = f" (did you mean {where}.{close[0]}?)" if close else ""
+            return f"unknown config field {path}{hint}; fields of {where}: {sorted(keys)}"
+        node = node[part]
+    return None
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # Imported here so that --help is fast and jax.distributed.initialize() precedes any JAX call.
-    from experiments import parallel
+    from experiments.runtime import parallel
     if _DISTRIBUTED.value or _COORDINATOR.value:
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                         _CPU_COLLECTIVES.value)
     import jax
 
+    from experiments.jobs import registry
+
     config = _CONFIG.value
-    job = config.get("job", "finetune")
-    if job not in JOBS:
-        raise app.UsageError(f"config.job={job!r} is not a known job; known: {sorted(JOBS)}")
-    module, function = JOBS[job]
-    run = getattr(importlib.import_module(module), function)
+    job = registry.get(config.get("job", "<none>"))
     logging.info("process %d of %d, %d local / %d global devices (%s); job %s", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend(), job)
-    run(config, _WORKDIR.value)
+                 jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend(), job.name)
+    job.run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -12,8 +12,11 @@ A model directory holds::
 import path of its config class and model class). Families are imported lazily, so registering a family whose
 file does not exist yet costs nothing until a directory of that family is loaded.
 
-Directories are written atomically: everything goes into a hidden temporary sibling that is renamed into place
-at the end, so a crash never leaves a directory that looks finished.
+Directories are written atomically: everything (extra files such as a QAT ``quant_state.npz`` included) goes
+into a hidden temporary sibling that is renamed into place at the end, so a crash never leaves a directory that
+looks finished. Every atomic writer of the project names its temporaries the same way (:func:`temporary_path`,
+``.tmp-<8 hex>.<name>``), so that what a killed write leaves behind can be found and removed safely
+(:func:`experiments.runtime.workdir.remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -22,16 +25,17 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from models.config_base import ModelConfig
@@ -100,6 +104,51 @@ def model_class(family: str) -> type:
 # ---------------------------------------------------------------------------------------------------- writing
 
 
+# Temporaries of atomic writes: `.tmp-<8 hex>.<name>` beside the destination (hidden; the destination's suffix
+# kept, so writers that append one, such as np.savez, leave the name alone). A directory being replaced is
+# parked as `.old-<8 hex>.<name>` between the two renames of the swap.
+TEMPORARY_PATTERN = re.compile(r"^\.(?P<kind>tmp|old)-[0-9a-f]{8}\.(?P<name>.+)$")
+# What atomic_directory named them before (`.<name>.tmp-<8 chars of mkdtemp>`, `.<name>.old-<8 hex>`).
+LEGACY_TEMPORARY_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[a-z0-9_]{8}$")
+
+
+def temporary_path(path: str | os.PathLike, kind: str = "tmp") -> Path:
+    """A fresh hidden sibling name for a temporary of ``path`` (``kind`` "tmp") or its parked old version
+    ("old"); matches :data:`TEMPORARY_PATTERN`."""
+    path = Path(path)
+    return path.parent / f".{kind}-{uuid.uuid4().hex[:8]}.{path.name}"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes the renames inside directory ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path to write; it becomes ``path`` (replacing any old file) when the block exits
+    without an exception, and is removed otherwise. Readers see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields an empty temporary directory that becomes ``path`` when the block exits without an exception.
@@ -113,19 +162,21 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = temporary_path(path)
+    tmp.mkdir()
     try:
         yield tmp
         for f in tmp.iterdir():  # data on disk before the rename makes the directory visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            old = temporary_path(path, "old")
             os.rename(path, old)
             os.rename(tmp, path)
             shutil.rmtree(old)
         else:
             os.rename(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -189,7 +240,7 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
 
 def save(path: str | os.PathLike, family: str, config: ModelConfig, params: Any,
          tokenizer_dir: str | os.PathLike | None = None, extra: dict | None = None, *,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, extra_files: Mapping[str, Callable[[Path], Any]] | None = None) -> Path:
     """Writes a self-describing model directory at ``path`` (see the module docstring); returns ``path``.
 
     Args:
@@ -199,6 +250,9 @@ def save(path: str | os.PathLike, family: str, config: ModelConfig, params: Any,
       tokenizer_dir: a directory whose tokenizer/vocabulary files are copied alongside.
       extra: JSON-serialisable metadata (label names, training provenance, ...), returned by :func:`read_meta`.
       overwrite: replace an existing directory (atomically); otherwise an existing ``path`` is an error.
+      extra_files: file name -> ``write(file_path)`` that writes that file; each is called inside the temporary
+        directory, so the files appear together with the model in one rename (e.g. a QAT job's
+        ``{"quant_state.npz": lambda p: export.save_quant_state(str(p), quant_state)}``).
     """
     _entry(family)
     if not isinstance(config, ModelConfig):
@@ -208,6 +262,11 @@ def save(path: str | os.PathLike, family: str, config: ModelConfig, params: Any,
     flat = flatten_params(params)
     if not flat:
         raise ValueError("params is empty")
+    extra_files = dict(extra_files or {})
+    reserved = {CONFIG_FILE, PARAMS_FILE, *TOKENIZER_FILES}
+    bad = [n for n in extra_files if n in reserved or not n or os.sep in n or n.startswith(".")]
+    if bad:
+        raise ValueError(f"extra_files: {bad} must be plain file names other than {sorted(reserved)}")
     meta = {"format_version": FORMAT_VERSION, "family": family, "config": config.to_dict(),
             "num_tensors": len(flat), "extra": extra or {}}
     try:
@@ -218,6 +277,10 @@ def save(path: str | os.PathLike, family: str, config: ModelConfig, params: Any,
     with atomic_directory(path, overwrite=overwrite) as tmp:
         save_file(flat, str(tmp / PARAMS_FILE), metadata={"family": family})
         copy_files(tok_files, tmp)
+        for name, write in extra_files.items():
+            write(tmp / name)
+            if not (tmp / name).is_file():
+                raise FileNotFoundError(f"extra_files: the writer of {name!r} wrote no file {tmp / name}")
         (tmp / CONFIG_FILE).write_text(meta_text + "\n")
     return Path(path)
 
@@ -232,7 +295,14 @@ def read_meta(path: str | os.PathLike) -> dict:
     if not cfg_file.is_file() or not (path / PARAMS_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a model directory: it needs {CONFIG_FILE} and {PARAMS_FILE} "
                                 "(written by models.save; for a Hugging Face checkpoint use models.hf.load_bert)")
-    meta = json.loads(cfg_file.read_text())
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}): the model directory is damaged; save or export "
+                         "it again") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{cfg_file} holds a JSON {type(meta).__name__}, not an object: the model directory "
+                         "is damaged")
     missing = [k for k in ("format_version", "family", "config") if k not in meta]
     if missing:
         raise ValueError(f"{cfg_file} lacks {missing}; is it a Hugging Face config? use models.hf.load_bert")
@@ -240,6 +310,14 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise ValueError(f"{cfg_file}: format_version {meta['format_version']} is not supported "
                          f"(this code reads {FORMAT_VERSION})")
     return meta
+
+
+def read_params(file: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors ``file``; a truncated or corrupt file raises ``ValueError`` naming it."""
+    try:
+        return load_file(str(file))
+    except SafetensorError as e:
+        raise ValueError(f"{file} is truncated or corrupt ({e}); save or export the model again") from e
 
 
 def load(path: str | os.PathLike):
@@ -252,7 +330,7 @@ def load(path: str | os.PathLike):
     meta = read_meta(path)
     family = meta["family"]
     config = config_class(family).from_dict(meta["config"])
-    flat = load_file(str(Path(path) / PARAMS_FILE))
+    flat = read_params(Path(path) / PARAMS_FILE)
     if "num_tensors" in meta and len(flat) != meta["num_tensors"]:
         raise ValueError(f"{path}/{PARAMS_FILE} holds {len(flat)} tensors, config.json says {meta['num_tensors']}")
     params = unflatten_params(flat)

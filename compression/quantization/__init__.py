@@ -12,7 +12,7 @@ Modules:
 * :mod:`.int8`: :func:`convert_to_int8` and :func:`int8`, int8 x int8 -> int32 Dense execution;
 * :mod:`.ptq`: :func:`post_training_quantize` / :func:`post_training_variants` (PTQ variables of a trained model
   from calibration batches and a calibrator name) and :func:`int8_variables`, for accuracy scripts;
-  :func:`qat_loss` (in :mod:`.qat`) is the quantization-aware loss for ``experiments/trainer.py``.
+  :func:`qat_loss` (in :mod:`.qat`) is the quantization-aware loss for ``experiments/runtime/trainer.py``.
 
 Typical use::
 

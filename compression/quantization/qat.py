@@ -31,7 +31,7 @@ Activation scales during training (``scales=``):
   stay fixed. An optimizer step can push a scale to zero or below: apply :func:`project_scales` after each
   update (the forward pass floors scales at ``MIN_SCALE`` anyway, but the saved state must hold usable ones).
 
-**QAT with experiments/trainer.py.** The trainer's loss is pluggable (``loss_fn(params, batch, rng, extras)``)
+**QAT with experiments/runtime/trainer.py.** The trainer's loss is pluggable (``loss_fn(params, batch, rng, extras)``)
 and the scales travel in ``extras``; :func:`qat_loss` turns any loss builder (a function of ``apply_fn``, e.g.
 ``trainer.classification_loss`` or a distillation loss around the student's apply) into a QAT loss::
 
@@ -275,7 +275,7 @@ def project_scales(quant: Mapping) -> dict:
 def qat_loss(make_loss: Callable[[Callable], Callable], apply_fn: Callable,
              rules: Sequence[QuantRule] = DEFAULT_RULES, *, scales: str = "fixed", ema_decay: float = 0.99,
              axis_name: str | None = "batch") -> Callable:
-    """A quantization-aware loss for ``experiments.trainer`` (see the module docstring).
+    """A quantization-aware loss for ``experiments.runtime.trainer`` (see the module docstring).
 
     Args:
       make_loss: ``make_loss(apply_fn) -> loss_fn(params, batch, rng, extras) -> (loss, aux)``, the trainer's
@@ -294,7 +294,8 @@ def qat_loss(make_loss: Callable[[Callable], Callable], apply_fn: Callable,
       several times, the scales of its last call are kept).
     """
     if scales == "learned":
-        raise ValueError("qat_loss: scales='learned' needs gradients w.r.t. the scales, which experiments.trainer "
+        raise ValueError("qat_loss: scales='learned' needs gradients w.r.t. the scales, which "
+                         "experiments.runtime.trainer "
                          "does not take (it differentiates params only); use 'fixed' or 'ema', or a custom step "
                          "that differentiates variables['quant'] (see fake_quant)")
     quant_apply = fake_quant(rules, scales=scales, ema_decay=ema_decay).wrap(apply_fn)

@@ -1,6 +1,6 @@
 """Structured pruning gives real speed: compacted vs unpruned MiniLM-shaped Transformer, in one process.
 
-    python -m experiments.benchmarks.bench_compaction --out bench_results/compaction.json
+    python -m experiments.benchmarks.bench_compaction --out=bench_results/compaction.json
 
 Masks remove a fraction of heads and FFN units (lowest weight norm, a stand-in for importance: speed does
 not depend on which units go), compaction slices the parameters into a smaller dense model, and both run at
@@ -10,15 +10,18 @@ least 80% of the FLOP ratio), after checking that masked and compacted outputs a
 
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from compression.pruning import compaction
 from experiments.benchmarks import common
+from experiments.tools import cli
 from models.transformer import Transformer, TransformerConfig
+
+MAX_SEQ = TransformerConfig().max_position_embeddings  # longest sequence the position table covers
 
 
 def norm_masks(cfg: TransformerConfig, params: dict, head_fraction: float, ffn_fraction: float):
@@ -48,20 +51,28 @@ def masked_params(cfg, params, heads, ffn):
     return params
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--head_fraction", type=float, default=0.4)
-    parser.add_argument("--ffn_fraction", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
+    flags.DEFINE_integer("batch", 32, "batch size", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seq", 128, "sequence length", lower_bound=1, upper_bound=MAX_SEQ, flag_values=fv)
+    flags.DEFINE_float("head_fraction", 0.4, "fraction of heads pruned, in [0, 1)", flag_values=fv)
+    flags.DEFINE_float("ffn_fraction", 0.5, "fraction of FFN units pruned, in [0, 1)", flag_values=fv)
+    flags.DEFINE_integer("rounds", 7, "interleaved timing rounds", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("out", None, "JSON results path", flag_values=fv)
+    for name in ("head_fraction", "ffn_fraction"):
+        cli.check(fv, name, lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def run(fv: flags.FlagValues):
+    """The benchmark on parsed flags ``fv`` (:func:`define_flags`)."""
 
     cfg = TransformerConfig(head="sequence")
-    ids = jnp.asarray(np.random.default_rng(0).integers(1000, cfg.vocab_size, (args.batch, args.seq)), jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1000, cfg.vocab_size, (fv.batch, fv.seq)), jnp.int32)
     params = Transformer(cfg).init(jax.random.key(0), ids[:1])["params"]
-    heads, ffn = norm_masks(cfg, params, args.head_fraction, args.ffn_fraction)
+    heads, ffn = norm_masks(cfg, params, fv.head_fraction, fv.ffn_fraction)
     small_cfg, small_params = compaction.compact(cfg, params, heads, ffn)
 
     def forward(c):
@@ -71,26 +82,34 @@ def main(argv=None):
     full_fn, small_fn = jax.jit(forward(cfg)), jax.jit(forward(small_cfg))
     diff = float(jnp.abs(full_fn(masked_params(cfg, params, heads, ffn), ids) - small_fn(small_params, ids)).max())
     times = common.time_interleaved({"unpruned": lambda: full_fn(params, ids),
-                                     "compacted": lambda: small_fn(small_params, ids)}, rounds=args.rounds)
+                                     "compacted": lambda: small_fn(small_params, ids)}, rounds=fv.rounds)
     flops = {"unpruned": common.compiled_flops(forward(cfg), params, ids),
              "compacted": common.compiled_flops(forward(small_cfg), small_params, ids)}
     sizes = {"unpruned": common.param_count(params), "compacted": common.param_count(small_params)}
-    tokens = args.batch * args.seq
+    tokens = fv.batch * fv.seq
     rows = [{"model": n, "params": sizes[n], "gflops": flops[n] / 1e9, "median_ms": 1e3 * common.median(t),
              "tokens_per_s": tokens / common.median(t)} for n, t in times.items()]
     speed_ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     flop_ratio = flops["unpruned"] / flops["compacted"]
     common.print_table(rows, ["model", "params", "gflops", "median_ms", "tokens_per_s"],
-                       f"Compaction: {args.head_fraction:.0%} heads, {args.ffn_fraction:.0%} FFN units pruned; "
-                       f"batch {args.batch} x seq {args.seq}")
+                       f"Compaction: {fv.head_fraction:.0%} heads, {fv.ffn_fraction:.0%} FFN units pruned; "
+                       f"batch {fv.batch} x seq {fv.seq}")
     print(f"masked vs compacted max |logit diff|: {diff:.2e}")
     print(f"speed ratio {speed_ratio:.2f}x, FLOP ratio {flop_ratio:.2f}x, speed/FLOP = "
           f"{speed_ratio / flop_ratio:.0%} (target >= 80%)")
-    common.write_json(args.out, {"benchmark": "compaction", "rows": rows, "speed_ratio": speed_ratio,
+    common.write_json(fv.out, {"benchmark": "compaction", "rows": rows, "speed_ratio": speed_ratio,
                                  "flop_ratio": flop_ratio, "max_abs_logit_diff": diff,
                                  "heads_per_layer": list(small_cfg.num_heads),
                                  "ffn_per_layer": list(small_cfg.intermediate_size), "times_s": times})
 
 
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(FLAGS)
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

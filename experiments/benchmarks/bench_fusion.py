@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m experiments.benchmarks.bench_fusion --out fusion.json [--precision bfloat16]
+    python -m experiments.benchmarks.bench_fusion --out=fusion.json [--precision=bfloat16]
 
 What it measures, in one process, timed in interleaved rounds (medians reported):
 
@@ -21,7 +21,6 @@ Expected runtime: about a minute on 2 CPU cores; it runs unchanged on GPU/TPU (`
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
 import time
@@ -29,10 +28,14 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
 from compression import fusion, precision
 from experiments.benchmarks import common
+from experiments.tools import cli
 from models.transformer import Transformer, TransformerConfig
+
+MAX_SEQ = TransformerConfig().max_position_embeddings  # longest sequence the position table covers
 
 
 def _repeated(fn, args, iters: int):
@@ -125,30 +128,36 @@ def add_layernorm(batch: int, seq: int, rounds: int, iters: int, seed: int) -> d
     }
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--precision", default="float32", help="precision policy of the QKV comparison")
-    parser.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds")
-    parser.add_argument("--iters", type=int, default=1, help="calls per variant per round (model)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if min(args.batch, args.seq, args.rounds, args.iters) < 1:
-        parser.error("--batch, --seq, --rounds and --iters must be >= 1")
-    if args.seq > TransformerConfig().max_position_embeddings:
-        parser.error(f"--seq must be <= {TransformerConfig().max_position_embeddings}")
+def _known_dtype(name: str) -> bool:
     try:
-        precision.dtype_from_name(args.precision)
-    except ValueError as e:
-        parser.error(str(e))
+        precision.dtype_from_name(name)
+    except ValueError:
+        return False
+    return True
 
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
+    flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+    flags.DEFINE_integer("batch", 32, "batch size", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seq", 128, "sequence length", lower_bound=1, upper_bound=MAX_SEQ, flag_values=fv)
+    flags.DEFINE_string("precision", "float32", "precision policy of the QKV comparison", flag_values=fv)
+    flags.DEFINE_integer("rounds", 12, "interleaved timing rounds", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("iters", 1, "calls per variant per round (model)", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the random weights and inputs", flag_values=fv)
+    cli.check(fv, "precision", _known_dtype, "is not a precision name (float32, bfloat16, float16)")
+
+
+def run(fv: flags.FlagValues) -> dict:
+    """The benchmark on parsed flags ``fv`` (:func:`define_flags`)."""
     env = common.environment()
     print(f"platform={env['platform']} device={env['device']}", flush=True)
     t0 = time.perf_counter()
-    res_qkv = qkv(args.batch, args.seq, args.precision, args.rounds, args.iters, args.seed)
-    res_ln = add_layernorm(args.batch, args.seq, args.rounds, 10 * args.iters, args.seed)
+    res_qkv = qkv(fv.batch, fv.seq, fv.precision, fv.rounds, fv.iters, fv.seed)
+    res_ln = add_layernorm(fv.batch, fv.seq, fv.rounds, 10 * fv.iters, fv.seed)
 
     lo, hi = res_qkv["fused_over_unfused_min_max"]
     common.print_table(
@@ -157,8 +166,8 @@ def main(argv=None) -> dict:
           "fused_over_unfused": res_qkv["fused_over_unfused"], "ratio_range": f"{lo:.2f}-{hi:.2f}",
           "max_abs_logit_diff": res_qkv["max_abs_logit_diff"], "max_abs_hidden_diff": res_qkv["max_abs_hidden_diff"]}],
         ["variant", "tokens_per_s", "fused_over_unfused", "ratio_range", "max_abs_logit_diff", "max_abs_hidden_diff"],
-        f"Fused QKV, MiniLM shape (random init), batch {args.batch} x seq {args.seq}, {args.precision}, "
-        f"{env['platform']}; median of {args.rounds} interleaved rounds (ratio: per-round paired)")
+        f"Fused QKV, MiniLM shape (random init), batch {fv.batch} x seq {fv.seq}, {fv.precision}, "
+        f"{env['platform']}; median of {fv.rounds} interleaved rounds (ratio: per-round paired)")
     common.print_table(
         [{"variant": k, "ms_per_call": v, "kernels": res_ln["kernels"].get(k, "-")} for k, v in res_ln["ms"].items()],
         ["variant", "ms_per_call", "kernels"],
@@ -166,11 +175,19 @@ def main(argv=None) -> dict:
     print(f"skip_layer_norm vs XLA-fused LayerNorm(x + r): max |diff| {res_ln['max_abs_diff_skip_vs_xla']:.1e}")
     print(f"in the compiled layer, the projection before each LayerNorm is its own kernel: "
           f"{res_ln['projection_is_separate_kernel_in_layer']}")
-    results = {"benchmark": "fusion", "batch": args.batch, "seq": args.seq, "rounds": args.rounds,
+    results = {"benchmark": "fusion", "batch": fv.batch, "seq": fv.seq, "rounds": fv.rounds,
                "qkv": res_qkv, "add_layernorm": res_ln, "wall_s": time.perf_counter() - t0}
-    common.write_json(args.out, results)
+    common.write_json(fv.out, results)
     return results
 
 
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(FLAGS)
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -1,6 +1,6 @@
 """Inference throughput of our Transformer beside transformers' PyTorch BertModel, in one process.
 
-    python -m experiments.benchmarks.bench_inference --out bench_results/inference.json
+    python -m experiments.benchmarks.bench_inference --out=bench_results/inference.json
 
 MiniLM shape (6 layers, hidden 384, 12 heads, FFN 1536) at batch 32 x seq 128 by default; random weights
 (speed does not depend on the values). Both sides use the same number of CPU threads. Prints tokens/s and
@@ -9,15 +9,17 @@ the ratio ours / PyTorch (target >= 1.0). Without torch installed only our side 
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from experiments.benchmarks import common
 from models.transformer import Transformer, TransformerConfig
+
+MAX_SEQ = TransformerConfig().max_position_embeddings  # longest sequence the position table covers
 
 
 def _ours(cfg: TransformerConfig, ids: np.ndarray, mask: np.ndarray):
@@ -47,27 +49,33 @@ def _torch(cfg: TransformerConfig, ids: np.ndarray, mask: np.ndarray, threads: i
     return run
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--out", default=None, help="JSON results path")
-    args = parser.parse_args(argv)
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
+    flags.DEFINE_integer("batch", 32, "batch size", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seq", 128, "sequence length", lower_bound=1, upper_bound=MAX_SEQ, flag_values=fv)
+    flags.DEFINE_integer("rounds", 7, "interleaved timing rounds", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("threads", os.cpu_count(), "PyTorch CPU threads", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("out", None, "JSON results path", flag_values=fv)
+
+
+def run(fv: flags.FlagValues):
+    """The benchmark on parsed flags ``fv`` (:func:`define_flags`)."""
 
     cfg = TransformerConfig(head="none", hidden_dropout_rate=0.0, attention_dropout_rate=0.0)
     rng = np.random.default_rng(0)
-    ids = rng.integers(1000, cfg.vocab_size, size=(args.batch, args.seq), dtype=np.int32)
+    ids = rng.integers(1000, cfg.vocab_size, size=(fv.batch, fv.seq), dtype=np.int32)
     mask = np.ones_like(ids)
     candidates = {"nlpress (JAX)": _ours(cfg, ids, mask)}
     try:
-        candidates["transformers BertModel (PyTorch)"] = _torch(cfg, ids, mask, args.threads)
+        candidates["transformers BertModel (PyTorch)"] = _torch(cfg, ids, mask, fv.threads)
     except ImportError:
         print("torch not installed: measuring our side only (pip install -e .[torch] for the comparison)")
-    times = common.time_interleaved(candidates, rounds=args.rounds, block=lambda x: getattr(
+    times = common.time_interleaved(candidates, rounds=fv.rounds, block=lambda x: getattr(
         x, "block_until_ready", lambda: x)())
-    tokens = args.batch * args.seq
+    tokens = fv.batch * fv.seq
     rows = [{"model": name, "median_ms": 1e3 * common.median(t), "tokens_per_s": tokens / common.median(t)}
             for name, t in times.items()]
     if len(rows) == 2:
@@ -75,12 +83,20 @@ def main(argv=None):
         for r in rows:
             r["ratio_vs_torch"] = r["tokens_per_s"] / rows[1]["tokens_per_s"]
     common.print_table(rows, ["model", "median_ms", "tokens_per_s", "ratio_vs_torch"],
-                       f"Inference, MiniLM shape, batch {args.batch} x seq {args.seq}, {args.threads} threads")
+                       f"Inference, MiniLM shape, batch {fv.batch} x seq {fv.seq}, {fv.threads} threads")
     if len(rows) == 2:
         print(f"ratio ours / PyTorch: {ratio:.2f}x (target >= 1.0)")
-    common.write_json(args.out, {"benchmark": "inference", "batch": args.batch, "seq": args.seq,
-                                 "rounds": args.rounds, "rows": rows, "times_s": times})
+    common.write_json(fv.out, {"benchmark": "inference", "batch": fv.batch, "seq": fv.seq,
+                                 "rounds": fv.rounds, "rows": rows, "times_s": times})
+
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(FLAGS)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -1,6 +1,6 @@
 """Inference throughput of the real int8 path against float32, same model, same process.
 
-    python -m experiments.benchmarks.bench_int8 --out_dir bench_results      # -> bench_results/bench_int8.json
+    python -m experiments.benchmarks.bench_int8 --out_dir=bench_results      # -> bench_results/bench_int8.json
 
 MiniLM shape (``TransformerConfig()`` defaults: 6 layers, hidden 384, 12 heads, FFN 1536), random weights,
 batch 32 x seq 128 by default. The int8 model is calibrated (max, four random rows: speed does not depend on
@@ -25,7 +25,6 @@ AMX give XLA's int8 GEMM several times float32 throughput; with AVX2 only it is 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -35,10 +34,14 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from compression import quantization
 from experiments.benchmarks import common
+from experiments.tools import cli
 from models.transformer import Transformer, TransformerConfig
+
+MAX_SEQ = TransformerConfig().max_position_embeddings  # longest sequence the position table covers
 
 VARIANTS = {
     "default": "",
@@ -128,14 +131,14 @@ def measure(batch: int, seq: int, rounds: int, with_torch: bool) -> dict:
     return out
 
 
-def _run_variant(name: str, args) -> dict:
+def _run_variant(name: str, fv: flags.FlagValues) -> dict:
     """Runs :func:`measure` in a subprocess with the variant's XLA flags."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "variant.json")
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {VARIANTS[name]}".strip()}
-        cmd = [sys.executable, "-m", "experiments.benchmarks.bench_int8", "--variants", "default",
-               "--batch", str(args.batch), "--seq", str(args.seq), "--rounds", str(args.rounds), "--quiet",
-               "--no-torch", "--out", out]
+        cmd = [sys.executable, "-m", "experiments.benchmarks.bench_int8", "--variants=default",
+               f"--batch={fv.batch}", f"--seq={fv.seq}", f"--rounds={fv.rounds}", "--quiet", "--notorch",
+               f"--out={out}"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             return {"error": (proc.stderr or proc.stdout)[-2000:]}
@@ -143,45 +146,55 @@ def _run_variant(name: str, args) -> dict:
             return json.load(f)["results"]["default"]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--variants", default="default,onednn",
-                        help=f"comma-separated XLA flag variants among {sorted(VARIANTS)}")
-    parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time PyTorch float32 vs dynamic int8 (default process only)")
-    parser.add_argument("--quiet", action="store_true", help="no table (used by the variant subprocesses)")
-    parser.add_argument("--out", default=None, help="JSON results path")
-    parser.add_argument("--out_dir", default=None, help="write OUT_DIR/bench_int8.json (when --out is not given)")
-    args = parser.parse_args(argv)
-    names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        parser.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
-    if args.batch < 4 or args.seq < 1 or args.rounds < 1:
-        parser.error("need --batch >= 4 (calibration uses four rows), --seq >= 1 and --rounds >= 1")
-    out_path = args.out or (os.path.join(args.out_dir, "bench_int8.json") if args.out_dir else None)
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
+    flags.DEFINE_integer("batch", 32, "batch size (calibration uses four rows)", lower_bound=4, flag_values=fv)
+    flags.DEFINE_integer("seq", 128, "sequence length", lower_bound=1, upper_bound=MAX_SEQ, flag_values=fv)
+    flags.DEFINE_integer("rounds", 7, "interleaved timing rounds", lower_bound=1, flag_values=fv)
+    flags.DEFINE_list("variants", ["default", "onednn"], f"XLA flag variants among {','.join(sorted(VARIANTS))}",
+                      flag_values=fv)
+    flags.DEFINE_bool("torch", True, "also time PyTorch float32 vs dynamic int8 (default process only)",
+                      flag_values=fv)
+    flags.DEFINE_bool("quiet", False, "no table (used by the variant subprocesses)", flag_values=fv)
+    flags.DEFINE_string("out", None, "JSON results path", flag_values=fv)
+    flags.DEFINE_string("out_dir", None, "write OUT_DIR/bench_int8.json (when --out is not given)", flag_values=fv)
+    cli.subset(fv, "variants", sorted(VARIANTS))
+
+
+def run(fv: flags.FlagValues):
+    """The benchmark on parsed flags ``fv`` (:func:`define_flags`)."""
+    names = fv.variants
+    out_path = fv.out or (os.path.join(fv.out_dir, "bench_int8.json") if fv.out_dir else None)
 
     results = {}
     for name in names:
         if name == "default":
-            results[name] = measure(args.batch, args.seq, args.rounds, args.torch)
+            results[name] = measure(fv.batch, fv.seq, fv.rounds, fv.torch)
         else:
-            results[name] = _run_variant(name, args)
-    if not args.quiet:
+            results[name] = _run_variant(name, fv)
+    if not fv.quiet:
         rows = [{"xla_flags": name, **{k: v for k, v in r.items() if k not in ("times_s", "cpu_int8_isa")}}
                 for name, r in results.items()]
         common.print_table(rows, ["xla_flags", "float32_ms", "int8_ms", "speedup", "tokens_per_s_int8",
                                   "ffn_gemm_speedup", "torch_int8_speedup", "int8_vs_fake_quant_rel_diff",
                                   "error"],
-                           f"int8 vs float32 inference, MiniLM shape, batch {args.batch} x seq {args.seq}")
+                           f"int8 vs float32 inference, MiniLM shape, batch {fv.batch} x seq {fv.seq}")
         best = max((r["speedup"] for r in results.values() if "speedup" in r), default=float("nan"))
         isa = next((r["cpu_int8_isa"] for r in results.values() if "cpu_int8_isa" in r), [])
         print(f"best int8 speed-up: {best:.2f}x (target >= 2.5x); CPU int8-relevant ISA: {', '.join(isa) or '?'}")
-    common.write_json(out_path, {"batch": args.batch, "seq": args.seq, "results": results})
+    common.write_json(out_path, {"batch": fv.batch, "seq": fv.seq, "results": results})
+
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(FLAGS)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

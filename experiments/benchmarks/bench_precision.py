@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m experiments.benchmarks.bench_precision --out precision.json
+    python -m experiments.benchmarks.bench_precision --out=precision.json
 
 What it measures, in one process:
 
@@ -26,17 +26,19 @@ Expected runtime: under a minute on 2 CPU cores.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from compression import precision
 from experiments.benchmarks import common
 from models.transformer import Transformer, TransformerConfig
+
+MAX_SEQ = TransformerConfig().max_position_embeddings  # longest sequence the position table covers
 
 POLICIES = ("float32", "bfloat16", "float16")
 FP16_TINY = float(jnp.finfo(jnp.float16).tiny)  # smallest normal float16, 6.1e-5
@@ -132,25 +134,27 @@ def underflow(num_batches: int, batch: int, seq: int, seed: int, loss_scale: flo
     }
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
-    parser.add_argument("--underflow_batches", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if min(args.batch, args.seq, args.rounds, args.underflow_batches) < 1:
-        parser.error("--batch, --seq, --rounds and --underflow_batches must be >= 1")
-    if args.seq > TransformerConfig().max_position_embeddings:
-        parser.error(f"--seq must be <= {TransformerConfig().max_position_embeddings}")
+FLAGS = flags.FLAGS
 
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
+    flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+    flags.DEFINE_integer("batch", 32, "batch size", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seq", 128, "sequence length", lower_bound=1, upper_bound=MAX_SEQ, flag_values=fv)
+    flags.DEFINE_integer("rounds", 8, "interleaved timing rounds", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("underflow_batches", 4, "random batches of the underflow count", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the random weights and inputs", flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> dict:
+    """The benchmark on parsed flags ``fv`` (:func:`define_flags`)."""
     env = common.environment()
     print(f"platform={env['platform']} device={env['device']}", flush=True)
     t0 = time.perf_counter()
-    inf = inference(args.batch, args.seq, args.rounds, args.seed)
-    uf = underflow(args.underflow_batches, 16, 64, args.seed)
+    inf = inference(fv.batch, fv.seq, fv.rounds, fv.seed)
+    uf = underflow(fv.underflow_batches, 16, 64, fv.seed)
 
     rows = []
     for name in POLICIES:
@@ -161,8 +165,8 @@ def main(argv=None) -> dict:
                      "max_abs_logit_diff": r["max_abs_logit_diff"], "max_abs_hidden_diff": r["max_abs_hidden_diff"]})
     common.print_table(rows, ["policy", "ms_per_batch", "tokens_per_s", "speed_vs_float32", "ratio_range",
                               "max_abs_logit_diff", "max_abs_hidden_diff"],
-                       f"Inference, MiniLM shape (random init), batch {args.batch} x seq {args.seq}, islands on, "
-                       f"{env['platform']}; median of {args.rounds} interleaved rounds (speed: per-round paired "
+                       f"Inference, MiniLM shape (random init), batch {fv.batch} x seq {fv.seq}, islands on, "
+                       f"{env['platform']}; median of {fv.rounds} interleaved rounds (speed: per-round paired "
                        "float32 time / policy time)")
     print(f"(max |logit| in float32: {inf['max_abs_logit_float32']:.3f})")
     common.print_table(
@@ -174,12 +178,20 @@ def main(argv=None) -> dict:
         ["gradients", "flushed_to_zero", "subnormal"],
         f"Float16 gradient underflow (small Transformer, {uf['batches']} random batches; fractions of the "
         f"{uf['nonzero_in_float32']} gradient entries nonzero in float32)")
-    results = {"benchmark": "precision", "batch": args.batch, "seq": args.seq, "rounds": args.rounds,
+    results = {"benchmark": "precision", "batch": fv.batch, "seq": fv.seq, "rounds": fv.rounds,
                "model": "MiniLM-shaped, random init", "inference": inf, "underflow": uf,
                "wall_s": time.perf_counter() - t0}
-    common.write_json(args.out, results)
+    common.write_json(fv.out, results)
     return results
 
 
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(FLAGS)
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -1,6 +1,6 @@
 """Training-step throughput of our Transformer beside transformers' PyTorch BertForSequenceClassification.
 
-    python -m experiments.benchmarks.bench_train --out bench_results/train.json
+    python -m experiments.benchmarks.bench_train --out=bench_results/train.json
 
 MiniLM shape, batch 32 x seq 64, AdamW, cross-entropy on a 2-class head, dropout on, in one process, rounds
 interleaved. Prints tokens/s and the ratio ours / PyTorch (target >= 1.0).
@@ -8,16 +8,18 @@ interleaved. Prints tokens/s and the ratio ours / PyTorch (target >= 1.0).
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
 from experiments.benchmarks import common
 from models.transformer import Transformer, TransformerConfig
+
+MAX_SEQ = TransformerConfig().max_position_embeddings  # longest sequence the position table covers
 
 
 def _ours(cfg: TransformerConfig, ids, mask, labels, steps: int):
@@ -74,45 +76,59 @@ def _torch(cfg: TransformerConfig, ids, mask, labels, steps: int, threads: int):
     return run
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3, help="train steps per timed call")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--out", default=None, help="JSON results path")
-    args = parser.parse_args(argv)
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
+    flags.DEFINE_integer("batch", 32, "batch size", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seq", 64, "sequence length", lower_bound=1, upper_bound=MAX_SEQ, flag_values=fv)
+    flags.DEFINE_integer("steps", 3, "train steps per timed call", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("rounds", 5, "interleaved timing rounds", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("threads", os.cpu_count(), "PyTorch CPU threads", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("out", None, "JSON results path", flag_values=fv)
+
+
+def run(fv: flags.FlagValues):
+    """The benchmark on parsed flags ``fv`` (:func:`define_flags`)."""
 
     cfg = TransformerConfig(head="sequence", num_labels=2)
     rng = np.random.default_rng(0)
-    ids = rng.integers(1000, cfg.vocab_size, size=(args.batch, args.seq), dtype=np.int32)
+    ids = rng.integers(1000, cfg.vocab_size, size=(fv.batch, fv.seq), dtype=np.int32)
     mask = np.ones_like(ids)
-    labels = rng.integers(0, 2, size=(args.batch,), dtype=np.int32)
-    candidates = {"nlpress (JAX, optax AdamW)": _ours(cfg, ids, mask, labels, args.steps)}
+    labels = rng.integers(0, 2, size=(fv.batch,), dtype=np.int32)
+    candidates = {"nlpress (JAX, optax AdamW)": _ours(cfg, ids, mask, labels, fv.steps)}
     try:
         candidates["transformers BertForSequenceClassification (PyTorch AdamW)"] = _torch(
-            cfg, ids, mask, labels, args.steps, args.threads)
+            cfg, ids, mask, labels, fv.steps, fv.threads)
     except ImportError:
         print("torch not installed: measuring our side only (pip install -e .[torch] for the comparison)")
 
     def block(x):
         return jax.block_until_ready(x) if not hasattr(x, "detach") else x
 
-    times = common.time_interleaved(candidates, rounds=args.rounds, block=block)
-    tokens = args.batch * args.seq * args.steps
-    rows = [{"model": name, "median_ms_per_step": 1e3 * common.median(t) / args.steps,
+    times = common.time_interleaved(candidates, rounds=fv.rounds, block=block)
+    tokens = fv.batch * fv.seq * fv.steps
+    rows = [{"model": name, "median_ms_per_step": 1e3 * common.median(t) / fv.steps,
              "tokens_per_s": tokens / common.median(t)} for name, t in times.items()]
     if len(rows) == 2:
         for r in rows:
             r["ratio_vs_torch"] = r["tokens_per_s"] / rows[1]["tokens_per_s"]
     common.print_table(rows, ["model", "median_ms_per_step", "tokens_per_s", "ratio_vs_torch"],
-                       f"Training step, MiniLM shape, batch {args.batch} x seq {args.seq}, {args.threads} threads")
+                       f"Training step, MiniLM shape, batch {fv.batch} x seq {fv.seq}, {fv.threads} threads")
     if len(rows) == 2:
         print(f"ratio ours / PyTorch: {rows[0]['ratio_vs_torch']:.2f}x (target >= 1.0)")
-    common.write_json(args.out, {"benchmark": "train_step", "batch": args.batch, "seq": args.seq,
-                                 "steps_per_call": args.steps, "rows": rows, "times_s": times})
+    common.write_json(fv.out, {"benchmark": "train_step", "batch": fv.batch, "seq": fv.seq,
+                                 "steps_per_call": fv.steps, "rows": rows, "times_s": times})
+
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(FLAGS)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

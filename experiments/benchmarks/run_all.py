@@ -2,15 +2,23 @@
 
 Each benchmark compares its candidates side by side inside its own process; running them one after another
 in separate processes keeps XLA flags and thread pools from leaking between them.
+
+    python -m experiments.benchmarks.run_all --out_dir=bench_results [--only=bench_inference,bench_mqa]
+
+``--only`` is checked against the known names before anything runs; nothing is cached (each benchmark
+measures anew).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
+
+from absl import app, flags
+
+from experiments.tools import cli
 
 BENCHMARKS = [
     "bench_inference",  # our Transformer vs PyTorch BertModel, inference tokens/s
@@ -23,22 +31,26 @@ BENCHMARKS = [
 ]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out_dir", default="bench_results")
-    parser.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(BENCHMARKS))
-    args = parser.parse_args(argv)
-    selected = [b for b in BENCHMARKS if not args.only or b in args.only.split(",")]
-    unknown = set(filter(None, args.only.split(","))) - set(BENCHMARKS)
-    if unknown:
-        raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; known: {BENCHMARKS}")
-    os.makedirs(args.out_dir, exist_ok=True)
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
+    flags.DEFINE_string("out_dir", "bench_results", "where OUT_DIR/<name>.json go", flag_values=fv)
+    flags.DEFINE_list("only", [], "comma-separated subset of: " + ",".join(BENCHMARKS), flag_values=fv)
+    cli.subset(fv, "only", BENCHMARKS, nonempty=False)
+
+
+def run(fv: flags.FlagValues) -> None:
+    """Runs the selected benchmarks one after another, each in its own process."""
+    selected = [b for b in BENCHMARKS if not fv.only or b in fv.only]
+    os.makedirs(fv.out_dir, exist_ok=True)
     failed = []
     for name in selected:
         print(f"\n=== {name}", flush=True)
         start = time.time()
         rc = subprocess.call([sys.executable, "-m", f"experiments.benchmarks.{name}",
-                              "--out", os.path.join(args.out_dir, f"{name}.json")])
+                              f"--out={os.path.join(fv.out_dir, f'{name}.json')}"])
         print(f"=== {name}: exit {rc}, {time.time() - start:.0f} s", flush=True)
         if rc:
             failed.append(name)
@@ -46,5 +58,12 @@ def main(argv=None):
         raise SystemExit(f"benchmarks failed: {failed}")
 
 
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(FLAGS)
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -17,6 +17,10 @@ The argument is ``TASK,STUDENT`` with STUDENT one of
   ``wnut17``, ``synthetic_ner``): token-level KD from the teacher's logits at each word's first sub-token, KL x
   T^2 per real word (the ``distilbert`` preset: T = 2, 0.5 soft + 0.5 gold tags); word and character
   vocabularies built from the training split;
+* ``transformer3_pkd`` / ``transformer3_tinybert``: the 3-layer student distilled with intermediate layers from a
+  live teacher (the teacher runs in the step; see experiments/techniques/distill.py): Patient KD (PKD-skip:
+  normalised [CLS] states of teacher layers 2 and 4, plus KL x T^2 and gold labels) or TinyBERT (embedding and
+  hidden-state MSE and attention-score MSE onto teacher layers 0, 2, 4, 6, plus soft cross-entropy);
 * ``transformer3_nokd`` / ``bilstm_nokd`` / ``cnn_lstm_nokd``: the same students trained on the gold labels only
   (the baseline every distillation figure is compared with).
 
@@ -52,7 +56,8 @@ import ml_collections
 
 from experiments.configs import finetune
 
-STUDENTS = ("transformer3", "transformer3_nokd", "bilstm", "bilstm_nokd", "cnn_lstm", "cnn_lstm_nokd")
+STUDENTS = ("transformer3", "transformer3_nokd", "transformer3_pkd", "transformer3_tinybert", "bilstm", "bilstm_nokd",
+            "cnn_lstm", "cnn_lstm_nokd")
 TOKEN_TASKS = ("wikiann", "wnut17", "synthetic_ner")  # tagging tasks: CNN-LSTM students only
 DISTILL_EPOCHS = {"wikiann": 5.0, "wnut17": 10.0}  # CNN-LSTM training epochs on the NER tasks
 
@@ -63,16 +68,17 @@ def get_config(arg: str = "synthetic,transformer3") -> ml_collections.ConfigDict
     student = student or ("cnn_lstm" if task in TOKEN_TASKS else "transformer3")
     if student not in STUDENTS:
         raise ValueError(f"unknown student {student!r} for distill.py; allowed: {list(STUDENTS)}")
-    family = student.removesuffix("_nokd").rstrip("0123456789")
+    base = student.rsplit("_", 1)[0] if student.endswith(("_nokd", "_pkd", "_tinybert")) else student
+    family = base.rstrip("0123456789")
     if (task in TOKEN_TASKS) != (family == "cnn_lstm"):
         raise ValueError(f"student {student!r} does not fit task {task!r}: token tasks {list(TOKEN_TASKS)} take "
                          "cnn_lstm / cnn_lstm_nokd, sequence tasks the transformer3 and bilstm students")
-    c = finetune.get_config("synthetic" if task == "synthetic_ner" else task)
-    for name in finetune.FINETUNE_ONLY:  # fine-tuning fields this job does not read
-        del c[name]
+    base_task = "synthetic" if task == "synthetic_ner" else task
+    c = finetune.training_config(base_task)
+    finetune.task_defaults(c, base_task)
     c.task = task
-    c.job = "distill"  # experiments.main runs experiments.distill.distill_and_evaluate
-    c.teacher_dir = finetune._optional_str(None)  # model directory of the fine-tuned teacher (DIR/model); required
+    c.job = "distill"  # experiments.main runs the distillation job (experiments/jobs/distill.py)
+    # config.teacher_dir: model directory of the fine-tuned teacher (DIR/model); required
     # unlabeled text the teacher labels for the student (Mukherjee & Awadallah 2020; Izsak et al. 2019): one example
     # per line (pairs: two tab-separated texts; token tasks: a sentence, split into words); None: training split only
     c.transfer_file = finetune._optional_str(None)
@@ -92,11 +98,7 @@ def get_config(arg: str = "synthetic,transformer3") -> ml_collections.ConfigDict
     c.student.char_kernel_size = 3  # CNN-LSTM: characters per convolution window
     c.student.max_word_chars = 20  # CNN-LSTM: characters kept per word (longer words keep their first ones)
 
-    c.distill = ml_collections.ConfigDict()
-    c.distill.preset = "hinton"  # compression.distillation preset, or "none" (gold labels only: the baseline)
-    c.distill.temperature = -1.0  # softening temperature; -1: the preset's
-    c.distill.kd_weight = -1.0  # weight of the soft-target term; -1: the preset's
-    c.distill.ce_weight = -1.0  # weight of the gold-label term (augmented rows never have gold labels); -1: preset's
+    c.distill.preset = "hinton"  # the student's loss (experiments/techniques/distill.py); "none": gold labels only
 
     c.augment = ml_collections.ConfigDict()
     c.augment.n_per_example = 0  # synthetic transfer examples per training example (Tang et al.: 20 for SST-2)
@@ -142,7 +144,24 @@ def get_config(arg: str = "synthetic,transformer3") -> ml_collections.ConfigDict
         if task != "synthetic":  # the teacher labels each transfer row once: ~1 min per 4,000 rows on 2 cores
             c.augment.n_per_example = 1
             c.augment.max_examples = 30000
+    if student.endswith("_pkd"):
+        c.distill.preset = "pkd"  # live teacher: patience loss on [CLS] of teacher layers 2, 4 (PKD-skip)
+    elif student.endswith("_tinybert"):
+        c.distill.preset = "tinybert"  # live teacher: embeddings, hidden states and attention of layers 2, 4, 6
     if student.endswith("_nokd"):
         c.distill.preset = "none"
         c.augment.n_per_example = 0
     return c
+
+
+CONSTRAINTS = {**finetune.TRAINING_CONSTRAINTS, "job": dict(choices=("distill",)),
+               "student.family": dict(choices=("transformer", "bilstm", "cnn_lstm")),
+               "student.num_layers": dict(min=1), "student.init": dict(choices=("every_other", "first", "random")),
+               "student.embed_dim": dict(min=1), "student.hidden_size": dict(min=1), "student.mlp_hidden": dict(min=1),
+               "student.pooling": dict(choices=("max", "mean", "attention")),
+               "student.dropout_rate": dict(min=0.0, max=0.99), "student.max_vocab": dict(min=3),
+               "student.char_embed_dim": dict(min=1), "student.char_filters": dict(min=1),
+               "student.char_kernel_size": dict(min=1), "student.max_word_chars": dict(min=1),
+               "augment.n_per_example": dict(min=0), "augment.max_examples": dict(min=0),
+               "augment.p_mask": dict(min=0.0, max=1.0), "augment.p_pos": dict(min=0.0, max=1.0),
+               "augment.p_ng": dict(min=0.0, max=1.0)}

@@ -37,11 +37,15 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from experiments.runtime.config_validation import prefixed
+from experiments.runtime.parallel import MODES
+from experiments.runtime.trainer import SCHEDULES
+from experiments.techniques import TECHNIQUES
+from experiments.techniques import precision as precision_technique
+
 # Task -> its folder under ../shared/data.
 DATA_FOLDERS = {"sst2": "sst2", "mrpc": "mrpc", "rte": "rte", "wikiann": "wikiann_en", "wnut17": "wnut17"}
 TASKS = ("synthetic",) + tuple(DATA_FOLDERS)
-# Fields that say how the fine-tuned model is built; jobs that start from a saved model drop them.
-FINETUNE_ONLY = ("model", "model_dir", "layers")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -67,16 +71,15 @@ def _optional_str(value: str | None) -> config_dict.FieldReference:
     return config_dict.FieldReference(value, field_type=str)
 
 
-def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
-    """The config of ``task`` (one of :data:`TASKS`); see the module docstring."""
+def training_config(task: str) -> ml_collections.ConfigDict:
+    """The fields every training job shares (data, run length, optimizer, checkpoints) and every technique's
+    section (``distill``, ``qat``, ``l0``, ``layerdrop``, ``theseus``, ``loss_scale``), all off by default."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r} for finetune.py; allowed: {list(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
     c = ml_collections.ConfigDict()
     c.task = task  # task name understood by experiments.data.load_task
     c.data_dir = _optional_str(default_data_dir(task))  # the task's data folder; None for generated tasks
-    # HF BERT checkpoint to fine-tune (new head), or a model directory saved by this job (continue training it,
-    # head kept: e.g. QAT of a fine-tuned model); None: train from scratch with c.model
-    c.model_dir = _optional_str(None if task == "synthetic" else minilm_dir())
+    c.teacher_dir = _optional_str(None)  # fine-tuned Transformer to distil from (config.distill); None: no teacher
     c.max_length = 64  # longest input in sub-tokens, [CLS]/[SEP] included; longer inputs are truncated
     c.synthetic_size = 2000  # training examples of a generated task (dev gets a quarter); ignored otherwise
     c.seed = 0  # seeds parameter init of new heads, dropout and data order
@@ -84,28 +87,11 @@ def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
     # compute precision (compression.precision): "float32" | "bfloat16" | "float16" (aliases fp32/bf16/fp16);
     # float32 master weights, float32 islands (softmax, attention scores, LayerNorm, logits), float32 loss
     c.precision = "float32"
-
-    c.loss_scale = ml_collections.ConfigDict()  # dynamic loss scaling (compression.loss_scale), for float16
-    c.loss_scale.dynamic = False  # on: scale the loss, skip steps with non-finite gradients; float16 warns without
-    c.loss_scale.init_scale = 32768.0  # the first scale (2**15)
-    c.loss_scale.growth_interval = 2000  # finite steps in a row before the scale doubles
-    c.loss_scale.minimum_scale = 1.0  # the scale never drops below this; a skipped step there stops the run
-
-    c.layers = ml_collections.ConfigDict()  # depth: half-depth initialisation and LayerDrop (Fan et al. 2019)
-    c.layers.init = "all"  # "all" layers of model_dir, or "every_other" (layers 0, 2, 4, ...: a half-depth model)
-    c.layers.layerdrop = 0.0  # probability of skipping each layer in training; > 0 also reports every-other pruning
-
-    c.qat = ml_collections.ConfigDict()  # quantization-aware training (int8 fake quantization, fixed scales)
-    c.qat.enabled = False  # on: calibrate activation scales once, then train through fake quantization
-    c.qat.calibrator = "max"  # activation calibrator: "max" | "percentile:P" | "mse" | "entropy"
-    c.qat.calibration_batches = 8  # training batches (of batch_size) used for calibration
-
-    c.model = ml_collections.ConfigDict()  # architecture when training from scratch (model_dir None)
-    c.model.hidden_size = 64  # width H
-    c.model.num_layers = 2  # encoder layers
-    c.model.num_heads = 4  # attention heads (must divide hidden_size)
-    c.model.intermediate_size = 128  # FFN width
-    c.model.dropout_rate = 0.1  # hidden and attention dropout
+    # resume a workdir whose checkpoints were written under a different config (fields that change the
+    # trajectory); off: such a resume stops and names the changed fields
+    c.allow_changed_config = False
+    for technique in TECHNIQUES:  # each technique's section, off by default (experiments/techniques/)
+        c[technique.name] = technique.section()
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4  # peak learning rate of AdamW
@@ -135,7 +121,52 @@ def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
 
     c.export = "best"  # params saved to workdir/model: "best" (by best_metric) or "last"
     c.progress_bar = "auto"  # tqdm bar: "auto" (when stderr is a terminal), "on" or "off"
+    return c
 
+
+# Constraints of the shared fields (types come from the defaults above); each technique adds its own.
+TRAINING_CONSTRAINTS = {
+    "max_length": dict(min=8, max=4096), "synthetic_size": dict(min=2), "seed": dict(min=0),
+    "parallelism": dict(choices=MODES), "precision": precision_technique.PRECISION_CONSTRAINT,
+    "optimizer.learning_rate": dict(min=0.0), "optimizer.schedule": dict(choices=SCHEDULES),
+    "optimizer.warmup_fraction": dict(min=0.0, max=1.0), "optimizer.weight_decay": dict(min=0.0),
+    "optimizer.b1": dict(min=0.0, max=1.0), "optimizer.b2": dict(min=0.0, max=1.0), "optimizer.eps": dict(min=0.0),
+    "optimizer.grad_clip_norm": dict(min=0.0), "batch_size": dict(min=1), "eval_batch_size": dict(min=1),
+    "num_epochs": dict(min=0.0), "num_train_steps": dict(min=-1), "log_every_steps": dict(min=1),
+    "eval_every_steps": dict(min=0), "checkpoint.every_steps": dict(min=0), "checkpoint.keep": dict(min=1),
+    "checkpoint.best_mode": dict(choices=("max", "min")), "export": dict(choices=("best", "last")),
+    "progress_bar": dict(choices=("auto", "on", "off")),
+    **{path: rule for t in TECHNIQUES for path, rule in prefixed(t.name, t.constraints).items()},
+}
+CONSTRAINTS = {**TRAINING_CONSTRAINTS, "job": dict(choices=("finetune", "theseus", "l0", "qat")),
+               "layers.init": dict(choices=("all", "every_other")), "model.hidden_size": dict(min=1),
+               "model.num_layers": dict(min=1), "model.num_heads": dict(min=1), "model.intermediate_size": dict(min=1),
+               "model.dropout_rate": dict(min=0.0, max=0.99)}
+
+
+def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
+    """The config of ``task`` (one of :data:`TASKS`); see the module docstring."""
+    c = training_config(task)
+    c.job = "finetune"  # experiments.main runs the fine-tuning job (experiments/jobs/train.py)
+    # HF BERT checkpoint to fine-tune (new head), or a model directory saved by a job (continue training it,
+    # head kept: e.g. QAT, L0 pruning or module replacement of a fine-tuned model); None: train from scratch
+    c.model_dir = _optional_str(None if task == "synthetic" else minilm_dir())
+
+    c.layers = ml_collections.ConfigDict()  # depth at initialisation
+    c.layers.init = "all"  # "all" layers of model_dir, or "every_other" (layers 0, 2, 4, ...: a half-depth model)
+
+    c.model = ml_collections.ConfigDict()  # architecture when training from scratch (model_dir None)
+    c.model.hidden_size = 64  # width H
+    c.model.num_layers = 2  # encoder layers
+    c.model.num_heads = 4  # attention heads (must divide hidden_size)
+    c.model.intermediate_size = 128  # FFN width
+    c.model.dropout_rate = 0.1  # hidden and attention dropout
+    task_defaults(c, task)
+    return c
+
+
+def task_defaults(c: ml_collections.ConfigDict, task: str) -> None:
+    """The measured run length, cadence and metric of each task (for the teacher's fine-tuning)."""
     if task == "synthetic":
         c.max_length = 32
         c.optimizer.learning_rate = 2e-3
@@ -168,4 +199,3 @@ def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
         c.eval_every_steps = 500 if task == "wikiann" else 100
         c.checkpoint.every_steps = c.eval_every_steps
         c.checkpoint.best_metric = "span_f1"
-    return c

@@ -3,9 +3,9 @@
 Launch::
 
     python -m experiments.main --config=experiments/configs/l0.py:sst2 --workdir=/tmp/l0_kd \\
-        --config.teacher_dir=/tmp/sst2/model --config.data_dir=../shared/data/sst2
+        --config.model_dir=/tmp/sst2/model --config.data_dir=../shared/data/sst2
     python -m experiments.main --config=experiments/configs/l0.py:sst2,nokd --workdir=/tmp/l0_nokd \\
-        --config.teacher_dir=/tmp/sst2/model --config.data_dir=../shared/data/sst2
+        --config.model_dir=/tmp/sst2/model --config.data_dir=../shared/data/sst2
 
 The argument is ``TASK[,nokd]``. Hard-concrete gates (Louizos et al. 2018) sit on every FFN unit and every
 attention head of the teacher; a Lagrangian term (Wang et al. 2020; Xia et al. 2022) drives the expected
@@ -25,9 +25,7 @@ import ml_collections
 
 from experiments.configs import finetune
 
-# Fine-tuning fields this job does not read: how the model is built, and its precision / QAT options (L0 pruning
-# trains in float32; quantize the pruned model afterwards).
-UNREAD_FIELDS = tuple(dict.fromkeys(finetune.FINETUNE_ONLY + ("precision", "loss_scale", "qat")))
+CONSTRAINTS = finetune.CONSTRAINTS
 
 
 def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
@@ -36,28 +34,11 @@ def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
     if parts not in ([], ["nokd"]):
         raise ValueError(f"unexpected {','.join(parts)!r} in l0.py:{arg}; the optional second part is 'nokd'")
     c = finetune.get_config(task)
-    for name in UNREAD_FIELDS:
-        if name in c:
-            del c[name]
-    c.job = "l0"  # experiments.main runs experiments.l0.l0_and_evaluate
-    c.teacher_dir = finetune._optional_str(None)  # model directory of the fine-tuned Transformer; required
-
-    c.l0 = ml_collections.ConfigDict()
-    c.l0.target_ffn = 0.5  # fraction of FFN units to prune, in [0, 1)
-    c.l0.target_heads = 0.3  # fraction of attention heads to prune, in [0, 1)
-    c.l0.warmup_fraction = 0.3  # share of the steps over which the targets ramp linearly from 0 (CoFi's warmup)
-    c.l0.drop_init = 0.1  # initial P(gate closed) per unit; sets the starting log_alpha = log((1 - p) / p)
-    # CoFi uses 0.01 for both over 20 epochs; a run here is 1 epoch, so the gates and multipliers move faster
-    c.l0.gate_learning_rate = 0.1  # Adam learning rate of the gates' log_alpha (constant)
-    c.l0.lambda_learning_rate = 0.1  # Adam learning rate of the Lagrange multipliers (gradient ascent)
-    c.l0.max_abs_log_alpha = 4.6  # log_alpha is kept in [-x, x] after each step (CoFi: log 100); 0: no bound
-
-    c.distill = ml_collections.ConfigDict()  # the task loss: as in distill.py, against the unpruned teacher
-    c.distill.preset = "none" if parts == ["nokd"] else "hinton"  # compression.distillation preset, or "none"
-    c.distill.temperature = -1.0  # softening temperature; -1: the preset's
-    c.distill.kd_weight = -1.0  # weight of the soft-target term; -1: the preset's
-    c.distill.ce_weight = -1.0  # weight of the gold-label term; -1: the preset's
-
+    c.job = "l0"  # the fine-tuning job with L0 gates (experiments/techniques/l0.py)
+    c.model_dir = None  # model directory of the fine-tuned Transformer to prune; required
+    # config.teacher_dir None: the KD teacher is model_dir itself, the model before pruning
+    c.l0.enabled = True
+    c.distill.preset = "none" if parts == ["nokd"] else "hinton"  # the task loss: KD from the unpruned model
     # The model that is saved must meet the sparsity targets: an early "best" checkpoint would not.
     c.export = "last"
     c.checkpoint.best_metric = None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import finetune
+from experiments.techniques import TECHNIQUES
 
 SEQUENCE_TASKS = ("synthetic", "synthetic_pair", "sst2", "mrpc", "rte", "agnews")
 _GENERATED = ("synthetic", "synthetic_pair")
@@ -41,9 +42,11 @@ def get_config(arg: str = "mrpc,rte") -> ml_collections.ConfigDict:
     generated = all(t in _GENERATED for t in tasks)
     real = [t for t in tasks if t in finetune.TASKS and t not in _GENERATED]  # finetune.py knows their defaults
     c = finetune.get_config(real[0] if real else "synthetic")
-    for name in ("task", "data_dir", "model", "layers", "qat"):  # single-task / from-scratch fields: unread here
+    # single-task, from-scratch and technique fields are not read here (the job trains every head in full)
+    for name in ("task", "data_dir", "teacher_dir", "model", "layers", "allow_changed_config",
+                 *(t.name for t in TECHNIQUES if t.name != "loss_scale")):
         del c[name]
-    c.job = "multitask"  # experiments.main runs experiments.multitask.multitask_and_evaluate
+    c.job = "multitask"  # experiments.main runs experiments.jobs.multitask.multitask_and_evaluate
     c.tasks = ",".join(tasks)  # the tasks, comma-separated (the heads' order in the wide classifier)
     c.data_dirs = ml_collections.ConfigDict()  # data folder of each task; None for generated tasks
     for t in tasks:
@@ -61,3 +64,12 @@ def get_config(arg: str = "mrpc,rte") -> ml_collections.ConfigDict:
     c.checkpoint.best_metric = "headline"
     c.checkpoint.best_mode = "max"  # headline and task metrics: higher is better
     return c
+
+
+# The shared constraints of the fields this job keeps, and its own.
+CONSTRAINTS = {**{k: v for k, v in finetune.TRAINING_CONSTRAINTS.items()
+                  if k.split(".")[0] in ("max_length", "seed", "synthetic_size", "parallelism", "precision",
+                                         "loss_scale", "optimizer", "batch_size", "eval_batch_size", "num_epochs",
+                                         "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint",
+                                         "export", "progress_bar")},
+               "job": dict(choices=("multitask",))}

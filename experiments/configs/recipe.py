@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import distill, finetune, theseus
+from experiments.configs import distill, export, finetune, l0, prune, qat, quantize, theseus
 
 PROFILES = ("demo", "sst2")
 
@@ -34,7 +34,7 @@ def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown recipe profile {profile!r}; allowed: {list(PROFILES)}")
     task = "synthetic" if profile == "demo" else "sst2"
     c = ml_collections.ConfigDict()
-    c.job = "recipe"  # experiments.main runs experiments.recipes.run_recipe
+    c.job = "recipe"  # experiments.main runs experiments.jobs.recipes.run_recipe
     c.task = task  # the task every stage uses
     c.data_dir = finetune._optional_str(finetune.default_data_dir(task))  # the task's data folder (None: generated)
     c.synthetic_size = 2000  # training examples of the generated task
@@ -71,29 +71,41 @@ def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
     c.theseus = ml_collections.ConfigDict()  # module replacement, 6 -> 3 layers (experiments/configs/theseus.py)
     c.theseus.kind = "theseus"
     c.theseus.source = "teacher"
-    c.theseus.config = theseus.get_config(f"{task},linear")
+    c.theseus.config = theseus.get_config(f"{task},linear")  # model_dir: filled in from the source stage
 
-    # 3. Head pruning of the teacher to a dev-metric budget, then compaction (experiments/prune.py).
+    # 3. Head pruning of the teacher to a dev-metric budget, then compaction (experiments/configs/prune.py).
     c.pruned = ml_collections.ConfigDict()
     c.pruned.kind = "prune"
     c.pruned.source = "teacher"
-    c.pruned.max_drop = 1.0  # largest dev-metric drop allowed, in points
-    c.pruned.step = 0.1  # fraction of all heads removed per round
-    c.pruned.max_fraction = 0.5  # end of the curve
-    c.pruned.importance_examples = 1024  # training examples for the importance estimate per round
+    c.pruned.config = prune.get_config(task)
+    c.pruned.config.max_drop = 1.0  # largest dev-metric drop allowed, in points
+    c.pruned.config.max_fraction = 0.5  # end of the curve
 
-    # 4. Post-training int8 quantization of the teacher (experiments/quantize.py).
+    # 4. Post-training int8 quantization of the teacher (experiments/configs/quantize.py).
     c.int8 = ml_collections.ConfigDict()
     c.int8.kind = "quantize"
     c.int8.source = "teacher"
-    c.int8.calibrator = "percentile:99.99"  # max | percentile:P | mse | entropy
-    c.int8.calibration_batches = 16  # shuffled training batches of 32 for calibration (never dev)
+    c.int8.config = quantize.get_config(task)
 
-    # 5. ONNX export of the teacher and the students (experiments/export.py), int8 from the quantize stage.
+    # 5. ONNX export of the teacher and the students (experiments/configs/export.py); a source with a quantize
+    # stage also gets its int8 Q/DQ file.
     c.onnx = ml_collections.ConfigDict()
     c.onnx.kind = "export"
     c.onnx.source = "teacher,transformer3,bilstm,theseus,pruned"
-    c.onnx.precisions = "fp32,fp16"  # fp32 | fp16; a source with a quantize stage also gets its int8 Q/DQ file
+    c.onnx.config = export.get_config()
+    c.onnx.config.precisions = "fp32,fp16"  # fp32 | fp16
+
+    # Stages not in the default lists (add them with --config.stages=...): L0 gates on the teacher's heads and FFN
+    # units with KD from it, then quantization-aware training of the pruned model (its int8 scales travel with
+    # its model directory, so an export stage of it also writes int8 Q/DQ).
+    c.l0 = ml_collections.ConfigDict()
+    c.l0.kind = "l0"
+    c.l0.source = "teacher"
+    c.l0.config = l0.get_config(task)
+    c.qat = ml_collections.ConfigDict()
+    c.qat.kind = "qat"
+    c.qat.source = "l0"
+    c.qat.config = qat.get_config(task)
 
     c.report = ml_collections.ConfigDict()
     c.report.enabled = True  # write report.md/.html and plots at the end
@@ -103,7 +115,8 @@ def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
 
     stage_configs = [c.teacher.config, c.transformer3.config, c.bilstm.config, c.theseus.config,
                      c.transformer3_nokd.config, c.bilstm_nokd.config]
-    for sc in stage_configs:  # linked: --config.data_dir=... reaches every stage
+    # linked: --config.data_dir=... reaches every stage
+    for sc in stage_configs + [c.l0.config, c.qat.config, c.pruned.config, c.int8.config]:
         sc.data_dir = c.get_ref("data_dir")
         sc.seed = c.get_ref("seed")
         sc.synthetic_size = c.get_ref("synthetic_size")
@@ -121,7 +134,7 @@ def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
             c.transformer3_nokd.config.student.num_layers = 1
             c.theseus.config.theseus.successor_layers = 1
         t.max_length = 32
-        for sc in stage_configs[1:]:
+        for sc in stage_configs[1:] + [c.l0.config, c.qat.config]:
             sc.max_length = 32
             sc.num_train_steps = 200
             sc.eval_every_steps = 100
@@ -131,3 +144,6 @@ def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
         c.report.seq = 64
         c.report.rounds = 3
     return c
+
+
+CONSTRAINTS = {}  # each stage's config is checked against its own job's schema (experiments/jobs/recipes.py)

@@ -3,7 +3,7 @@
 Launch::
 
     python -m experiments.main --config=experiments/configs/theseus.py:sst2,linear --workdir=/tmp/theseus \\
-        --config.teacher_dir=/tmp/sst2/model --config.data_dir=../shared/data/sst2
+        --config.model_dir=/tmp/sst2/model --config.data_dir=../shared/data/sst2
 
 The argument is ``TASK,SCHEDULE`` with SCHEDULE ``constant`` (p = 0.5 for the first half of the steps, then
 1) or ``linear`` (p = min(1, k t + 0.3), reaching 1 at half of the steps); ``TASK,SCHEDULE,mqa`` gives the
@@ -11,7 +11,7 @@ successor layers one shared key/value head (multi-query attention, initialised b
 predecessor's heads). The 6-layer MiniLM teacher becomes a 3-layer successor (one predecessor module of two
 layers per successor layer), initialised from the teacher's layers 0, 2, 4. Only successor layers train, on
 gold labels (no distillation loss); evaluation and the exported ``model/`` are the successor alone. The teacher
-may be a head-pruned, compacted model (``experiments.prune``'s ``OUT/model``): each successor layer keeps the
+may be a head-pruned, compacted model (``experiments.tools.prune``'s ``OUT/model``): each successor layer keeps the
 head count of the layer it starts from, also with ``mqa``.
 
 Measured on SST-2 from the MiniLM teacher (0.8933; 700 steps, 13-20 minutes on 2 idle CPU cores), dev accuracy for
@@ -30,8 +30,9 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import finetune
+from experiments.techniques.theseus import SCHEDULES
 
-SCHEDULES = ("constant", "linear")
+CONSTRAINTS = finetune.CONSTRAINTS
 
 
 def get_config(arg: str = "synthetic,linear") -> ml_collections.ConfigDict:
@@ -43,18 +44,14 @@ def get_config(arg: str = "synthetic,linear") -> ml_collections.ConfigDict:
     if rest not in ([], ["mqa"]):
         raise ValueError(f"unexpected {','.join(rest)!r} in theseus.py:{arg}; the optional third part is 'mqa'")
     c = finetune.get_config(task)
-    for name in finetune.FINETUNE_ONLY + ("qat",):  # fine-tuning fields this job does not read
-        del c[name]
-    c.job = "theseus"  # experiments.main runs experiments.theseus.theseus_and_evaluate
-    c.teacher_dir = finetune._optional_str(None)  # model directory of the fine-tuned predecessor; required
-
-    c.theseus = ml_collections.ConfigDict()
-    c.theseus.successor_layers = 3  # successor depth; the predecessor's depth must divide into this many modules
-    c.theseus.num_kv_heads = 1 if rest == ["mqa"] else 0  # successor key/value heads; 0: as many as query heads
-    c.theseus.init = "every_other"  # successor layer i starts from predecessor layer i*k ("every_other") or i
-    c.theseus.schedule = schedule  # "constant" | "linear" replacement probability schedule
-    c.theseus.replacing_rate = 0.5 if schedule == "constant" else 0.3  # constant: p; linear: p at step 0 (b)
-    c.theseus.replacing_fraction = 0.5  # share of the steps before p reaches 1 (then the successor trains alone)
+    c.job = "theseus"  # the fine-tuning job with module replacement (experiments/techniques/theseus.py)
+    c.model_dir = None  # model directory of the fine-tuned predecessor (DIR/model); required
+    t = c.theseus
+    t.enabled = True
+    t.successor_layers = 3  # one successor layer per module of two MiniLM layers
+    t.num_kv_heads = 1 if rest == ["mqa"] else 0  # multi-query successor layers with "mqa"
+    t.schedule = schedule
+    t.replacing_rate = 0.5 if schedule == "constant" else 0.3  # constant: p; linear: p at step 0 (b)
 
     c.optimizer.learning_rate = 1e-4 if task != "synthetic" else c.optimizer.learning_rate
     if task == "mrpc":  # 3 epochs of 3,668 pairs at batch 32; ~2.7 s a step on 2 CPU cores (128 tokens)

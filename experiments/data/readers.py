@@ -3,7 +3,8 @@
 They return :class:`RawSplit` (labels still strings, each with its 1-based line number) and fail with the
 file and line on bad input; :func:`label_ids` then maps labels onto a label set, naming the line of any
 label outside it. Everything works offline; files are read as UTF-8 with an optional BOM, and lines end
-only at ``\\n`` (so stray ``\\r`` or Unicode line separators inside text never split a record).
+only at ``\\n`` (so stray ``\\r`` or Unicode line separators inside text never split a record). A byte that
+is not UTF-8 is an error naming the file, the line and the byte's offset.
 
 GLUE TSV files are read with quoting off (MRPC's texts contain unbalanced quotes): a field is exactly what
 lies between tabs.
@@ -11,11 +12,12 @@ lies between tabs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -56,9 +58,36 @@ def require_file(path: str) -> None:
         raise FileNotFoundError(f"missing data file: expected {path}")
 
 
+def _not_utf8(path: str) -> ValueError:
+    """The error for a file that fails to decode, naming its first bad byte's line and offsets (found by a
+    rescan in binary: the text decoder reports only an offset within its read buffer)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):  # UTF-8 never uses byte 0x0a inside a character
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return ValueError(f"{path}:{number}: not UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+                                  f"the line (offset {offset + e.start} in the file); save the file as UTF-8")
+            offset += len(raw)
+    return ValueError(f"{path}: not UTF-8")
+
+
+@contextlib.contextmanager
+def _named_errors(path: str, csv_line: Callable[[], int] | None = None) -> Iterator[None]:
+    """Re-raises decoding errors inside the block, and CSV errors (at line ``csv_line()``), as ``ValueError``
+    naming ``path`` and the line."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except csv.Error as e:
+        raise ValueError(f"{path}:{csv_line()}: {e}") from None
+
+
 def _lines(path: str) -> Iterator[tuple[int, str]]:
     require_file(path)
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
+    with open(path, encoding="utf-8-sig", newline="\n") as f, _named_errors(path):
         for number, line in enumerate(f, 1):
             yield number, line.rstrip("\r\n")
 
@@ -79,7 +108,9 @@ def read_delimited(path: str, *, text: str | int, label: str | int, text_b: str 
     """
     require_file(path)
     wanted = {"text": text, "text_b": text_b, "label": label}
-    with open(path, encoding="utf-8-sig", newline="" if quoting else "\n") as f:
+    reader = None  # the CSV reader when quoting: its line_num places CSV errors
+    with open(path, encoding="utf-8-sig", newline="" if quoting else "\n") as f, \
+            _named_errors(path, lambda: reader.line_num):
         if quoting:
             reader = csv.reader(f, delimiter=delimiter)
             rows = ((reader.line_num, row) for row in reader)

@@ -9,7 +9,7 @@ from tokenizers import pre_tokenizers
 
 import models
 from experiments.data import load_task
-from experiments.train import train_and_evaluate
+from experiments.jobs import registry
 from models.transformer import Transformer, TransformerConfig
 from tests.experiments.tiny import tiny_config
 
@@ -18,7 +18,7 @@ from tests.experiments.tiny import tiny_config
 def tiny_teacher_dir(tmp_path_factory):
     """``DIR/model`` of a 2-layer, 2-head, hidden-32 Transformer fine-tuned 48 steps on the synthetic task."""
     workdir = tmp_path_factory.mktemp("tiny_teacher")
-    train_and_evaluate(tiny_config(num_train_steps=48), str(workdir))
+    registry.run(tiny_config(num_train_steps=48), str(workdir))
     return str(workdir / "model")
 
 

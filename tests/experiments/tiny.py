@@ -43,12 +43,16 @@ def dev_argmax(model, params, task) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tiny_job(config, teacher_dir, steps: int):
-    """A job config with a teacher (distill.py, theseus.py, l0.py) set for a ``steps``-step run on the tiny task
-    of :data:`TINY`, evaluated and checkpointed once at the end; returns ``config``."""
+    """A job config that starts from the saved tiny teacher -- distill.py's teacher, or the model that
+    theseus.py, l0.py and qat.py compress (``model_dir``) -- set for a ``steps``-step run on the tiny task of
+    :data:`TINY`, evaluated and checkpointed once at the end; returns ``config``."""
     for key in ("max_length", "synthetic_size", "batch_size", "eval_batch_size", "log_every_steps",
                 "progress_bar"):
         config[key] = TINY[key]
-    config.teacher_dir = teacher_dir
+    if config.job == "distill":
+        config.teacher_dir = teacher_dir
+    else:
+        config.model_dir = teacher_dir
     config.num_train_steps = config.eval_every_steps = config.checkpoint.every_steps = steps
     return config
 

@@ -143,3 +143,40 @@ def test_strided_and_transposed_leaves_round_trip(tmp_path):
     # 0-d leaves (scales, step counters) keep their shape
     flat = io.flatten_params({"scale": np.float32(0.5), "kernel": wide[:, ::2]})
     assert flat["scale"].shape == () and flat["kernel"].flags["C_CONTIGUOUS"]
+
+
+def test_damaged_files_are_named(tmp_path):
+    path = io.save(tmp_path / "m", "transformer", CFG, _params())
+    good = (path / "params.safetensors").read_bytes()
+    (path / "params.safetensors").write_bytes(good[:len(good) // 2])  # a copy cut short
+    with pytest.raises(ValueError, match=f"{path / 'params.safetensors'} is truncated or corrupt"):
+        io.load(path)
+    (path / "params.safetensors").write_bytes(good)
+    (path / "config.json").write_text('{"format_version": 1, "family": "transf')
+    with pytest.raises(ValueError, match=f"{path / 'config.json'} is not valid JSON"):
+        io.load(path)
+    (path / "config.json").write_bytes(b'{"family": "\xff"}')
+    with pytest.raises(ValueError, match=f"{path / 'config.json'} is not valid JSON"):
+        io.read_meta(path)
+
+
+def test_extra_files_are_published_in_the_same_rename(tmp_path):
+    quant = {"scale": np.float32(0.25)}
+    write = lambda p: np.savez(p, **quant)
+    path = io.save(tmp_path / "m", "transformer", CFG, _params(), extra_files={"quant_state.npz": write})
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "params.safetensors", "quant_state.npz"]
+    with np.load(path / "quant_state.npz") as data:
+        assert data.files == ["scale"] and float(data["scale"]) == 0.25
+    # A writer that fails leaves the published directory as it was: old params, no new file.
+    def fail(p):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        io.save(path, "transformer", CFG, _params(1), overwrite=True, extra_files={"other.npz": fail})
+    assert io.tree_equal(io.load(path)[2], _params())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and not (path / "other.npz").exists()
+    with pytest.raises(FileNotFoundError, match="the writer of 'nothing.bin' wrote no file"):
+        io.save(tmp_path / "n", "transformer", CFG, _params(), extra_files={"nothing.bin": lambda p: None})
+    with pytest.raises(ValueError, match=r"extra_files: \['config.json'\] must be plain file names"):
+        io.save(tmp_path / "n", "transformer", CFG, _params(), extra_files={"config.json": write})
+    assert not (tmp_path / "n").exists()

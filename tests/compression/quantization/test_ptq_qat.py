@@ -1,5 +1,5 @@
 """The library entry points for accuracy scripts: PTQ from training-format batches, int8 conversion, scale
-validation, and the QAT loss hook inside experiments/trainer.py's train step."""
+validation, and the QAT loss hook inside experiments/runtime/trainer.py's train step."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compression import quantization as q
-from experiments import trainer
+from experiments.runtime import trainer
 from models.transformer import Transformer, TransformerConfig
 from tests.multidevice import run_with_devices
 
@@ -98,14 +98,14 @@ def test_zero_or_infinite_scales_are_refused_and_projected(setup):
 
 
 def test_qat_loss_in_a_two_device_train_step():
-    """EMA scales through experiments/trainer.py under pmap on two devices: each device observes its own half of
+    """EMA scales through experiments/runtime/trainer.py under pmap on two devices: each device observes its own half of
     the batch; the updated scales come back as the state's extras, averaged over the devices (the replicas stay
     equal), and the parameters take a step through the straight-through gradients."""
     out = run_with_devices("""
 import jax, jax.numpy as jnp, numpy as np, optax
 from compression import quantization as q
-from experiments import trainer
-from experiments.parallel import DataParallel
+from experiments.runtime import trainer
+from experiments.runtime.parallel import DataParallel
 from models.transformer import Transformer
 from tests.compression.quantization.test_ptq_qat import CFG, INPUTS, _batch
 model = Transformer(CFG)

@@ -129,3 +129,34 @@ def test_unlabeled_transfer_errors_name_the_line(write, tmp_path):
         read_unlabeled(write("e.txt", "\n\n"), kind="token")
     with pytest.raises(FileNotFoundError, match="missing data file"):
         read_unlabeled(str(tmp_path / "absent.txt"), kind="token")
+
+
+def test_a_byte_that_is_not_utf8_names_file_line_and_offset(tmp_path):
+    tsv = tmp_path / "x.tsv"
+    tsv.write_bytes(b"sentence\tlabel\nok\t1\ncaf\xe9\t0\n")  # Latin-1 e-acute; 15 + 5 + 3 bytes before it
+    want = rf"{tsv}:3: not UTF-8: byte 0xe9 at byte 4 of the line \(offset 23 in the file\)"
+    with pytest.raises(ValueError, match=want):
+        read_delimited(str(tsv), text="sentence", label="label")
+    with pytest.raises(ValueError, match=want):
+        read_delimited(str(tsv), text="sentence", label="label", delimiter="\t", quoting=True)
+    # Far past the decoder's first read buffer: line and offset count from the start of the file.
+    far = tmp_path / "far.txt"
+    far.write_bytes(b"line\n" * 2999 + b"bad \xff\n")
+    with pytest.raises(ValueError, match=rf"{far}:3000: not UTF-8: byte 0xff at byte 5 of the line "
+                                         r"\(offset 14999 in the file\)"):
+        read_unlabeled(str(far), kind="sequence")
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_bytes(b'{"t": "a", "label": 1}\n{"t": "\x80", "label": 0}\n')  # 23 + 7 bytes before it
+    with pytest.raises(ValueError, match=rf"{jsonl}:2: not UTF-8: byte 0x80 at byte 8 of the line \(offset 30"):
+        read_jsonl(str(jsonl), text="t", label="label")
+    conll = tmp_path / "x.conll"
+    conll.write_bytes(b"\xefa\tO\n")  # a truncated 3-byte sequence
+    with pytest.raises(ValueError, match=rf"{conll}:1: not UTF-8: byte 0xef at byte 1 of the line \(offset 0"):
+        read_conll(str(conll))
+
+
+def test_a_csv_parse_error_names_file_and_line(tmp_path):
+    path = tmp_path / "big.csv"
+    path.write_text("text,label\nfine,pos\n" + "x" * 200_000 + ",neg\n")  # past csv's field size limit
+    with pytest.raises(ValueError, match=rf"{path}:3: field larger than field limit"):
+        read_delimited(str(path), text="text", label="label", delimiter=",", quoting=True)

@@ -1,0 +1,1 @@
+"""Training jobs (``config.job``) and compression recipes, run by ``experiments.main``."""

@@ -1,0 +1,154 @@
+"""Compression recipes: a chain of stages over one model, each a registered job reading earlier stages' models.
+
+A recipe config (``experiments/configs/recipe.py``) lists ``stages`` in order; each stage has a section of the
+same name with ``kind`` (any job of :data:`experiments.jobs.registry.JOBS`: finetune, distill, theseus, l0, qat,
+multitask, prune, quantize, export), ``source`` (the earlier stage(s) whose model it starts from; none for a
+first fine-tuning stage) and ``config`` (that job's config). The job itself says which of its fields a source
+fills (``model_dir``, ``teacher_dir``, or export's lists) and which source families it accepts, so a new job
+is a stage kind with no change here.
+
+Each stage writes ``WORKDIR/<stage>/`` (its model directory where it makes one, and ``results.json``). A
+stage whose ``results.json`` parses and whose model exists is skipped on a rerun; an interrupted training stage
+resumes from its checkpoints. ``WORKDIR/recipe.json`` records the recipe: running a different recipe in the
+same workdir is an error before any stage runs, as is a recipe whose stages do not fit together (a source that
+is not an earlier stage, a source family the stage's job does not accept, a stage config its job's schema
+rejects). At the end the report (:mod:`experiments.tools.report`) measures every model side by side and writes
+``report.md``, ``report.html`` and the plots at the top of the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ml_collections
+from absl import logging
+
+from experiments.jobs import registry
+from experiments.runtime import config_validation
+
+
+class RecipeError(ValueError):
+    """A recipe whose stages do not fit together, or a workdir that belongs to another recipe."""
+
+
+def stage_names(config) -> list[str]:
+    names = [s.strip() for s in config.stages.split(",") if s.strip()]
+    if not names:
+        raise RecipeError("config.stages lists no stage")
+    if len(set(names)) != len(names):
+        raise RecipeError(f"config.stages names a stage twice: {names}")
+    return names
+
+
+def check_recipe(config, workdir: str = "") -> list[str]:
+    """Raises :class:`RecipeError` naming the first stage that does not fit; returns the stage names."""
+    names = stage_names(config)
+    view = registry.RecipeView(config, workdir, tuple(names))
+    for i, name in enumerate(names):
+        if name not in config:
+            raise RecipeError(f"stage {name!r} has no config section config.{name}")
+        stage = config[name]
+        kind = stage.get("kind")
+        if kind not in registry.JOBS or kind == "recipe":
+            raise RecipeError(f"stage {name!r}: kind {kind!r} is not one of "
+                              f"{sorted(k for k in registry.JOBS if k != 'recipe')}")
+        job = registry.JOBS[kind]
+        sources = view.sources(name)
+        if len(sources) > job.max_sources or (sources and not (job.source_fields or job.link)):
+            raise RecipeError(f"stage {name!r} ({kind}) names {len(sources)} source(s) {sources}; a {kind} stage "
+                              f"takes at most {job.max_sources}")
+        if not sources and (job.source_fields or job.link) and kind not in ("finetune", "multitask"):
+            raise RecipeError(f"stage {name!r} ({kind}) needs a source: the earlier stage whose model it starts from")
+        for src in sources:
+            if src not in names[:i]:
+                raise RecipeError(f"stage {name!r} ({kind}) starts from {src!r}, which is not an earlier stage of "
+                                  f"{names}")
+            family = registry.JOBS[config[src].kind].family(config[src].config)
+            if family is None:
+                raise RecipeError(f"stage {name!r} ({kind}) starts from {src!r}, a {config[src].kind} stage that "
+                                  "makes no model")
+            if family not in job.accepts:
+                raise RecipeError(f"stage {name!r} ({kind}) cannot start from {src!r}: a {family} model (accepts "
+                                  f"{list(job.accepts)})")
+    return names
+
+
+def _recipe_record(config, names) -> dict:
+    return {"stages": names, "kinds": {n: config[n].kind for n in names},
+            "sources": {n: config[n].get("source") for n in names}, "task": config.task}
+
+
+def _claim_workdir(workdir: str, record: dict) -> None:
+    path = os.path.join(workdir, "recipe.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != record:
+            raise RecipeError(f"{workdir} holds a different recipe ({old['stages']} on {old['task']}); use a new "
+                              f"workdir for {record['stages']} on {record['task']}")
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def read_results(stage_dir: str) -> dict | None:
+    """The stage's ``results.json`` if it exists and parses (a torn write is not a finished stage)."""
+    path = os.path.join(stage_dir, "results.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        logging.warning("%s does not parse (%s): the stage runs again", path, e)
+        return None
+
+
+def is_done(stage_dir: str, job: registry.Job, stage_config) -> bool:
+    """A stage is finished when its results.json parses (it is written last) and its model directory exists."""
+    if read_results(stage_dir) is None:
+        return False
+    if job.family(stage_config) is None:
+        return True
+    return os.path.exists(os.path.join(job.model_dir(stage_dir, stage_config), "config.json"))
+
+
+def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs the recipe's unfinished stages in order, then the report; returns ``{stage: results}``."""
+    workdir = os.path.abspath(workdir)
+    names = check_recipe(config, workdir)
+    view = registry.RecipeView(config, workdir, tuple(names))
+    for name in names:  # every stage config linked and validated before any stage runs
+        stage = config[name]
+        job = registry.JOBS[stage.kind]
+        if view.sources(name):
+            job.link_sources(stage.config, view.sources(name), view)
+        try:
+            job.validate(stage.config)
+        except config_validation.ConfigError as e:
+            raise config_validation.ConfigError(f"stage {name!r}: {e}") from e
+    _claim_workdir(workdir, _recipe_record(config, names))
+    out = {}
+    for i, name in enumerate(names):
+        stage_dir = os.path.join(workdir, name)
+        stage = config[name]
+        job = registry.JOBS[stage.kind]
+        if is_done(stage_dir, job, stage.config):
+            logging.info("[%d/%d] %s (%s): done, skipped", i + 1, len(names), name, stage.kind)
+        else:
+            logging.info("[%d/%d] %s (%s): running in %s", i + 1, len(names), name, stage.kind, stage_dir)
+            start = time.time()
+            job.run(stage.config, stage_dir)
+            logging.info("[%d/%d] %s finished in %.1f s", i + 1, len(names), name, time.time() - start)
+        out[name] = read_results(stage_dir)
+    if config.report.enabled:
+        from experiments.tools import report
+        report.build_report([workdir], workdir, reference=names[0], batch=config.report.batch,
+                            seq=config.report.seq, rounds=config.report.rounds,
+                            title=f"Compression report: {config.task}")
+        logging.info("report: %s (and report.html, plots)", os.path.join(workdir, "report.md"))
+    return out

@@ -1,0 +1,1 @@
+"""Command-line tools that evaluate, prune, quantize, export and report on saved models."""

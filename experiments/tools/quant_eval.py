@@ -1,0 +1,238 @@
+"""Dev-set quality of a saved model (Transformer, BiLSTM or CNN-LSTM) under float32, post-training int8
+quantization, real int8 and, optionally, quantization-aware training.
+
+    python -m experiments.tools.quant_eval --model_dir=runs/sst2/model --data_dir=../shared/data/sst2 \
+        --calibrators=max,percentile:99.99,mse,entropy --calib_examples=512 --out=runs/sst2/quant.json \
+        [--qat_model_dir=runs/sst2_qat/model]
+
+``--model_dir`` is a model directory written by ``models.save`` of any family (every training job writes one
+to ``WORKDIR/model``); the task, ``extra.task`` unless ``--task``, is encoded as that family reads it
+(:func:`experiments.runtime.evaluation.load_model_task`: sub-words with the directory's tokenizer, words and
+characters with its vocabularies), at ``extra.max_length`` unless ``--max_length``. Calibration uses the model
+inputs of the first ``--calib_examples`` examples (rounded to whole batches) of the shuffled train split
+(``--seed``), never the dev split. Rows:
+
+* ``float32``: the model as trained;
+* ``ptq:<calibrator>``: simulated int8 (fake quantization, :func:`compression.quantization.fake_quant`) with the
+  default rules: per-output-channel int8 weights, per-tensor int8 activations at every selected module's input
+  calibrated by that calibrator; all calibrators from one statistics collection
+  (:func:`compression.quantization.post_training_variants`);
+* ``int8:<calibrator>``: the same variables converted to int8 kernels and run with int8 x int8 -> int32 matmuls
+  (:func:`compression.quantization.int8`), for ``--int8_calibrator`` (default: the best PTQ row on dev).
+  ``agreement_with_ptq`` is the share of dev predictions equal to the simulation it was converted from (the
+  int8 Dense computes what the fake-quantized Dense computes, to the bit, so 1.0 is expected in every family);
+* ``qat`` and ``qat:int8`` (with ``--qat_model_dir``): a model directory trained with quantization-aware training
+  from ``--model_dir`` (same architecture and tokenizer/vocabularies) holding ``quant_state.npz``, its calibrated
+  ``quant`` collection (:func:`experiments.techniques.qat.save_quant_state`): fake-quantized with that state, and
+  converted to real int8 (``agreement_with_qat``, ``delta_vs_qat``). Their deltas are against ``--model_dir``'s
+  float32 row.
+
+Each row reports the task's metrics (accuracy, F1, MCC for binary tasks; span F1 and token accuracy for NER),
+``delta_vs_float32`` of the first metric in points, ``agreement_with_float32`` (share of scored dev examples, or
+labelled tokens, predicted as float32 does), ``quantized_modules`` and ``int8_modules`` (modules fake-quantized,
+and those of them running as int8 matmuls), and ``dev_seconds``, the wall time of the dev pass (compilation
+included: not a speed figure; see ``experiments/benchmarks/bench_int8.py`` for speed).
+
+What the default rules (:data:`compression.quantization.DEFAULT_RULES`) quantize, per family (the JSON's
+``modules`` lists them; embedding tables stay float):
+
+* Transformer: every Dense (query/key/value share one input scale, attention output, FFN, pooler, classifier);
+* BiLSTM: each LSTM layer's input projection ``encoder/layer_i/{forward,backward}/input`` (one input scale shared
+  by both directions), the attention-pooling projections, the MLP and the classifier;
+* CNN-LSTM: the character CNN's ``char_cnn/conv``, the LSTM input projections and the classifier.
+
+The LSTM recurrence ``h @ W_hh`` is a matmul inside the time scan, not a module: it stays float in every row.
+Only Dense layers run as int8 matmuls; the Conv stays fake-quantized in the int8 rows. Rules that select no
+module, or a required rule that matches none, are a ``ValueError`` before any calibration.
+
+Every flag is checked when parsed, before anything is loaded: the model directories, the data folder, a known
+task name, the calibrator names (``--int8_calibrator`` among ``--calibrators``) and the numbers. Nothing is
+cached: calibration and every dev pass are redone on every run (a few minutes for MiniLM on SST-2).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import app, flags
+
+import models
+from compression import quantization as q
+from compression.quantization.int8 import runs_in_int8
+from compression.quantization.rules import trace_targets
+from experiments.runtime import evaluation
+from experiments.tools import cli
+from experiments.techniques import qat
+from experiments.techniques.qat import QUANT_STATE_FILE
+from experiments.benchmarks import common
+from experiments.data import TaskData
+
+def calibration_batches(task: TaskData, inputs: Sequence[str], examples: int, batch_size: int,
+                        seed: int) -> list[dict]:
+    """The ``inputs`` keys of the first ``examples`` examples of the shuffled train split, rounded to whole
+    batches of ``batch_size`` (at least one; all of the split if it is smaller); padding rows dropped."""
+    if examples < 1:
+        raise ValueError(f"calib_examples must be >= 1, got {examples}")
+    n_batches = max(1, round(min(examples, len(task.train)) / batch_size))
+    out = []
+    for batch in task.train.batches(batch_size, shuffle=True, seed=seed):
+        real = batch["example_weight"] > 0
+        out.append({k: batch[k][real] for k in inputs})
+        if len(out) == n_batches:
+            break
+    return out
+
+
+def quantized_modules(apply_fn, params, batch: Mapping, rules: Sequence[q.QuantRule] = q.DEFAULT_RULES,
+                      what: str = "quant_eval") -> list[dict]:
+    """``[{"module", "kind", "int8"}]``: the modules ``rules`` quantize in ``apply_fn({"params": params}, **batch)``
+    (:func:`evaluation.batch_apply` convention), in call order, and whether each runs as an int8 matmul after
+    conversion. Traces abstractly; raises ``ValueError`` when the rules select nothing or a required rule
+    matches no module."""
+    targets = trace_targets(apply_fn, {"params": params}, rules=rules, what=what, **batch)
+    return [{"module": t.name, "kind": t.kind, "int8": runs_in_int8(t)} for t in targets if t.active]
+
+
+def load_qat(qat_dir: str, model_dir: str, params) -> tuple[dict, dict]:
+    """``(params, quant collection)`` of a quantization-aware trained model directory, checked against the
+    model directory it was trained from (``params``: its parameters): same family and parameter shapes, same
+    tokenizer/vocabulary files."""
+    meta = models.read_meta(qat_dir)
+    _, cfg, qat_params = models.load(qat_dir)
+    base = models.read_meta(model_dir)["family"]
+    if cfg.family != base or jax.tree.map(np.shape, qat_params) != jax.tree.map(np.shape, params):
+        raise ValueError(f"--qat_model_dir {qat_dir} holds a {cfg.family} model whose parameters differ from "
+                         f"those of {model_dir} ({base}): QAT keeps the architecture")
+    for name in models.io.TOKENIZER_FILES:
+        a, b = os.path.join(model_dir, name), os.path.join(qat_dir, name)
+        if os.path.isfile(a) and not (os.path.isfile(b) and filecmp.cmp(a, b, shallow=False)):
+            raise ValueError(f"{b} is missing or differs from {a}: the QAT model would read other ids")
+    state = os.path.join(qat_dir, meta.get("extra", {}).get("qat", {}).get("quant_state", QUANT_STATE_FILE))
+    if not os.path.isfile(state):
+        raise FileNotFoundError(f"{qat_dir} holds no {os.path.basename(state)} (the calibrated quant collection "
+                                "a quantization-aware training run saves beside its params)")
+    quant = qat.load_quant_state(state)
+    q.check_scales(quant, state)
+    return qat_params, quant
+
+
+def evaluate_quantized(model, params, task: TaskData, calibrators: Sequence[str] = q.PTQ_CALIBRATORS, *,
+                       calib_examples: int = 512, batch_size: int = 32, int8_calibrator: str | None = None,
+                       seed: int = 0, rules: Sequence[q.QuantRule] = q.DEFAULT_RULES,
+                       qat: tuple[Mapping, Mapping] | None = None) -> dict:
+    """``{"modules": quantized_modules(...), "rows": [...]}``, the rows described in the module docstring,
+    float32 first; ``qat``: ``(params, quant)`` of a QAT model (:func:`load_qat`) adds ``qat`` and ``qat:int8``."""
+    if not calibrators:
+        raise ValueError("give at least one calibrator")
+    if int8_calibrator is not None and int8_calibrator not in calibrators:
+        raise ValueError(f"int8_calibrator {int8_calibrator!r} is not among the calibrators {list(calibrators)}")
+    inputs = evaluation.model_inputs(task, model.config.family)
+    keyed = evaluation.batch_apply(model.apply, inputs)  # calibration and conversion pass batches as keywords
+    calib = calibration_batches(task, inputs, calib_examples, batch_size, seed)
+    modules = quantized_modules(keyed, params, calib[0], rules, f"quant_eval ({model.config.family})")
+    fake, int8_apply = q.fake_quant(rules).wrap(model.apply), q.int8(rules).wrap(model.apply)  # one compile each
+    key = task.metric_names[0]
+    rows, preds = [], {}
+
+    def add(name, apply_fn, variables, quantized, int8_modules=0, **more):
+        start = time.perf_counter()
+        p = evaluation.dev_predictions(apply_fn, variables, task, inputs, batch_size)
+        scores = p.metrics(task)
+        preds[name] = p
+        base = rows[0][key] if rows else scores[key]
+        rows.append({"variant": name, **scores, "delta_vs_float32": 100 * (scores[key] - base),
+                     "agreement_with_float32": p.agreement(preds["float32"]),
+                     "quantized_modules": len(modules) if quantized else 0, "int8_modules": int8_modules,
+                     "dev_seconds": time.perf_counter() - start, **more})
+        return rows[-1]
+
+    def add_int8(name, variables, source):
+        v8 = q.int8_variables(keyed, variables, calib[0], rules=rules)
+        row = add(name, int8_apply, v8, True, len(q.int8_weights(v8)))
+        kind = source.partition(":")[0]  # "ptq" or "qat"
+        row[f"agreement_with_{kind}"] = preds[name].agreement(preds[source])
+        row[f"delta_vs_{kind}"] = 100 * (row[key] - next(r[key] for r in rows if r["variant"] == source))
+
+    add("float32", model.apply, {"params": params}, False)
+    start = time.perf_counter()
+    variants = q.post_training_variants(keyed, params, calib, tuple(calibrators), rules=rules)
+    calib_seconds = time.perf_counter() - start
+    n_calib = sum(len(b[inputs[0]]) for b in calib)
+    for name, variables in variants.items():
+        add(f"ptq:{name}", fake, variables, True, calib_examples=n_calib, calib_seconds=calib_seconds)
+    if int8_calibrator is None:
+        int8_calibrator = max(calibrators, key=lambda c: next(r[key] for r in rows if r["variant"] == f"ptq:{c}"))
+    add_int8(f"int8:{int8_calibrator}", variants[int8_calibrator], f"ptq:{int8_calibrator}")
+    if qat is not None:
+        qat_variables = {"params": qat[0], q.QUANT: qat[1]}
+        add("qat", fake, qat_variables, True)
+        add_int8("qat:int8", qat_variables, "qat")
+    return {"modules": modules, "rows": rows}
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
+    flags.DEFINE_string("model_dir", None, "model directory (models.save) of any family", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "the task's data folder (not needed for synthetic tasks)", flag_values=fv)
+    flags.DEFINE_string("task", None, "default: the model directory's extra.task", flag_values=fv)
+    flags.DEFINE_integer("max_length", None, "default: the model directory's", lower_bound=4, flag_values=fv)
+    flags.DEFINE_list("calibrators", list(q.PTQ_CALIBRATORS), "comma-separated calibrators", flag_values=fv)
+    flags.DEFINE_integer("calib_examples", 512, "calibration examples of the train split", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "calibration and dev batch size", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("int8_calibrator", None, "default: the best PTQ calibrator on dev", flag_values=fv)
+    flags.DEFINE_string("qat_model_dir", None, "a QAT model directory trained from --model_dir, with "
+                        "quant_state.npz: adds the qat and qat:int8 rows", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the calibration shuffle", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("synthetic_size", 2000, "synthetic tasks only", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("out", None, "JSON results path", flag_values=fv)
+    flags.mark_flag_as_required("model_dir", flag_values=fv)
+    cli.model_dir(fv, "model_dir")
+    cli.model_dir(fv, "qat_model_dir")
+    cli.directory(fv, "data_dir")
+    cli.task(fv, "task")
+    cli.calibrator(fv, "calibrators")
+    flags.register_multi_flags_validator(
+        ["int8_calibrator", "calibrators"], lambda d: d["int8_calibrator"] in [None, *d["calibrators"]],
+        "--int8_calibrator must be one of --calibrators", flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> dict:
+    """The command line's work on parsed flags ``fv`` (:func:`define_flags`); returns the JSON payload."""
+    model, cfg, params, task = evaluation.load_model_task(fv.model_dir, fv.task, fv.data_dir,
+                                                          max_length=fv.max_length, seed=fv.seed,
+                                                          synthetic_size=fv.synthetic_size)
+    qat = load_qat(fv.qat_model_dir, fv.model_dir, params) if fv.qat_model_dir else None
+    result = evaluate_quantized(model, params, task, fv.calibrators, calib_examples=fv.calib_examples,
+                                batch_size=fv.batch_size, int8_calibrator=fv.int8_calibrator, seed=fv.seed, qat=qat)
+    rows = result["rows"]
+    metric_columns = [k for k in rows[0] if k in task.metric_names or k.startswith(("span_", "token_"))]
+    qat_columns = ["agreement_with_qat", "delta_vs_qat"] if qat else []
+    common.print_table(rows, ["variant", *metric_columns, "delta_vs_float32", "agreement_with_float32",
+                              "agreement_with_ptq", "delta_vs_ptq", *qat_columns, "quantized_modules",
+                              "int8_modules", "dev_seconds"],
+                       f"{task.name} dev ({len(task.dev)} examples), {cfg.family}: float32, int8 PTQ, real int8"
+                       + (", QAT" if qat else ""))
+    payload = {"model_dir": fv.model_dir, "qat_model_dir": fv.qat_model_dir, "family": cfg.family,
+               "task": task.name, "dev_examples": len(task.dev), **result}
+    common.write_json(fv.out, payload)
+    return payload
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(FLAGS)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

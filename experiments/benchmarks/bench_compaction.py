@@ -10,11 +10,10 @@ least 80% of the FLOP ratio), after checking that masked and compacted outputs a
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from compression.pruning import compaction
 from experiments.benchmarks import common
@@ -104,12 +103,5 @@ def run(fv: flags.FlagValues):
 
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_script(define_flags, run)

@@ -28,7 +28,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 from compression import fusion, precision
 from experiments.benchmarks import common
@@ -182,12 +182,5 @@ def run(fv: flags.FlagValues) -> dict:
 
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_script(define_flags, run)

@@ -10,13 +10,13 @@ so expect modest gains; the saving matters most for decoding, where the key/valu
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments.benchmarks import common
+from experiments.tools import cli
 from models import theseus as tmodels
 from models.transformer import Transformer, TransformerConfig
 
@@ -79,12 +79,5 @@ def run(fv: flags.FlagValues):
 
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_script(define_flags, run)

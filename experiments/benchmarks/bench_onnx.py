@@ -34,7 +34,7 @@ import tempfile
 import jax
 import numpy as np
 import onnx
-from absl import app, flags
+from absl import flags
 
 from experiments.benchmarks import common
 from experiments.tools import cli
@@ -144,13 +144,14 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 def run(fv: flags.FlagValues):
     """The benchmark on parsed flags ``fv`` (:func:`define_flags`)."""
 
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     from compression import quantization as q
     from compression.export import INT8_VS_FAKE_QUANT, export, onnxruntime_bert_fusion
     from experiments.runtime.evaluation import TRANSFORMER_INPUTS, calibration_batches
     from experiments.tools.export import output_fields
     from models.hf import load_bert
     from models.transformer import Transformer
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     weights = minilm_dir()
     cfg, params = load_bert(weights)
@@ -237,12 +238,5 @@ def run(fv: flags.FlagValues):
 
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_script(define_flags, run)

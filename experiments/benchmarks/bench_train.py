@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 
 from experiments.benchmarks import common
+from experiments.tools import cli
 from models.transformer import Transformer, TransformerConfig
 
 MAX_SEQ = TransformerConfig().max_position_embeddings  # longest sequence the position table covers
@@ -123,12 +124,5 @@ def run(fv: flags.FlagValues):
 
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_script(define_flags, run)

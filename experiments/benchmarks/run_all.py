@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 from experiments.tools import cli
 
@@ -58,12 +58,5 @@ def run(fv: flags.FlagValues) -> None:
         raise SystemExit(f"benchmarks failed: {failed}")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_script(define_flags, run)

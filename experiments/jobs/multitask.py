@@ -40,12 +40,12 @@ from jax.experimental import multihost_utils
 
 import models
 from compression import loss_scale, precision
-from experiments.runtime import config_validation, loop, observe, trainer
-from experiments.runtime.config_validation import ConfigError
 from experiments.data import TaskData, load_task
 from experiments.data.tasks import LOCAL_TASKS, SYNTHETIC_TASKS
-from experiments.runtime.parallel import AXIS, DataParallel
 from experiments.jobs.train import is_saved_model
+from experiments.runtime import config_validation, loop, observe, trainer
+from experiments.runtime.config_validation import ConfigError
+from experiments.runtime.parallel import AXIS, DataParallel
 from models import hf
 from models.transformer import Transformer, TransformerConfig
 

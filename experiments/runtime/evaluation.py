@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from experiments.runtime import metrics, trainer
 from experiments.data import TaskData, load_task
 from experiments.data.vocab import CharVocab, WordVocab
+from experiments.runtime import metrics, trainer
 
 TRANSFORMER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TASK_KIND = {"bilstm": "sequence", "cnn_lstm": "token"}  # what the LSTM families predict (Transformer: its head)

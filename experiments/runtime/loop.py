@@ -23,10 +23,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from experiments.data import TaskData
 from experiments.runtime import checkpointing, evaluation, observe
 from experiments.runtime import fingerprint as fingerprints
 from experiments.runtime.config_validation import ConfigError
-from experiments.data import TaskData
 from experiments.runtime.parallel import DataParallel, is_key
 from experiments.runtime.trainer import TrainState
 

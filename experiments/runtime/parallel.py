@@ -20,7 +20,8 @@ from typing import Any, Callable, Literal
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXIS = "batch"  # the named data-parallel axis every per-device step reduces over
 MODES = ("pmap", "shard_map")

@@ -12,9 +12,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 
-from absl import flags
+from absl import app, flags
 
 import models
+
+
+def run_script(define: Callable[[flags.FlagValues], None], run: Callable[[flags.FlagValues], object]) -> None:
+    """The ``__main__`` block of a tool: its flags defined and parsed (checks included) by absl, then
+    ``run(FLAGS)``; positional arguments are a usage error (no tool takes any)."""
+    define(flags.FLAGS)
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        run(flags.FLAGS)
+
+    app.run(main)
 
 
 def parse(define: Callable[[flags.FlagValues], None], argv: list[str]) -> flags.FlagValues:

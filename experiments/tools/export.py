@@ -28,11 +28,12 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import models
 from compression.export import INT8_VS_FAKE_QUANT, PRECISIONS, ExportError, export, tensorrt
 from experiments.techniques.qat import load_quant_state
+from experiments.tools import cli
 
 TRT_RANGES = {"batch": (1, 32, 64), "sequence": (1, 128, 512)}
 
@@ -207,8 +208,8 @@ def run(fv: flags.FlagValues) -> dict:
         if fv.quant_state:
             quant_state = load_quant_state(fv.quant_state)
         else:
-            from experiments.runtime import evaluation
             from experiments.data import load_task
+            from experiments.runtime import evaluation
             data = load_task(fv.calib_task, fv.calib_data, tokenizer=fv.model, max_length=fv.max_length)
             calibration = evaluation.calibration_batches(data.train, evaluation.TRANSFORMER_INPUTS,
                                                          fv.calib_batches, fv.calib_batch_size)
@@ -223,12 +224,5 @@ def run(fv: flags.FlagValues) -> dict:
     return report
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_script(define_flags, run)

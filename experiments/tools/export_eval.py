@@ -27,10 +27,10 @@ from absl import app, flags
 
 import models
 from compression.export import ExportError
-from experiments.runtime import evaluation
 from experiments.benchmarks.common import print_table, write_json
-from experiments.tools.export import export_model_dir
+from experiments.runtime import evaluation
 from experiments.runtime.metrics import classification_metrics
+from experiments.tools.export import export_model_dir
 
 INPUTS = evaluation.TRANSFORMER_INPUTS
 

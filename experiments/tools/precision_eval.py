@@ -41,9 +41,9 @@ from absl import app, flags
 import models
 from compression import precision
 from compression.sites import ISLAND_KINDS
-from experiments.runtime import evaluation
 from experiments.benchmarks import common
 from experiments.data import TaskData
+from experiments.runtime import evaluation
 from experiments.tools import cli
 
 LOW = ("bfloat16", "float16")
@@ -148,12 +148,5 @@ def run(fv: flags.FlagValues) -> dict:
     return payload
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_script(define_flags, run)

@@ -41,7 +41,7 @@ import time
 import warnings
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments.benchmarks import common
@@ -151,12 +151,5 @@ def run(fv: flags.FlagValues) -> dict:
     return payload
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_script(define_flags, run)

@@ -44,8 +44,8 @@ import models
 from compression.pruning import compaction, head_importance
 from compression.pruning.head_importance import PruningStep
 from compression.pruning.site_masks import MASKS, site_masks, unflatten
-from experiments.runtime import evaluation, trainer
 from experiments.data import TaskData, load_task
+from experiments.runtime import evaluation, trainer
 from experiments.tools import cli
 
 INPUTS = evaluation.TRANSFORMER_INPUTS
@@ -346,12 +346,5 @@ def run(fv: flags.FlagValues) -> dict:
     return results
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_script(define_flags, run)

@@ -59,18 +59,19 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import models
 from compression import quantization as q
 from compression.quantization.int8 import runs_in_int8
 from compression.quantization.rules import trace_targets
-from experiments.runtime import evaluation
-from experiments.tools import cli
-from experiments.techniques import qat
-from experiments.techniques.qat import QUANT_STATE_FILE
 from experiments.benchmarks import common
 from experiments.data import TaskData
+from experiments.runtime import evaluation
+from experiments.techniques import qat
+from experiments.techniques.qat import QUANT_STATE_FILE
+from experiments.tools import cli
+
 
 def calibration_batches(task: TaskData, inputs: Sequence[str], examples: int, batch_size: int,
                         seed: int) -> list[dict]:
@@ -227,12 +228,5 @@ def run(fv: flags.FlagValues) -> dict:
     return payload
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_script(define_flags, run)

@@ -30,8 +30,8 @@ import numpy as np
 from absl import app, flags, logging
 
 import models
-from experiments.runtime import trainer
 from experiments.benchmarks import common
+from experiments.runtime import trainer
 
 
 @dataclasses.dataclass

@@ -7,9 +7,13 @@ first fine-tuning stage) and ``config`` (that job's config). The job itself says
 fills (``model_dir``, ``teacher_dir``, or export's lists) and which source families it accepts, so a new job
 is a stage kind with no change here.
 
-Each stage writes ``WORKDIR/<stage>/`` (its model directory where it makes one, and ``results.json``). A
-stage whose ``results.json`` parses and whose model exists is skipped on a rerun; an interrupted training stage
-resumes from its checkpoints. ``WORKDIR/recipe.json`` records the recipe: running a different recipe in the
+Each stage writes ``WORKDIR/<stage>/`` (its model directory where it makes one, ``results.json`` and, last,
+``stage.json`` with the stage's key). The key is a hash of the stage's config (the fields that change its result;
+paths excluded) and of its sources' keys, so it changes when the stage's config or any earlier stage it depends
+on changes. A stage whose ``results.json`` parses, whose model exists and whose recorded key is the current one
+is skipped on a rerun; one whose key changed is moved aside (``<stage>.stale-<time>``, nothing is deleted) and
+runs again, and so does every stage after it that depends on it; an interrupted stage resumes from its
+checkpoints. ``WORKDIR/recipe.json`` records the recipe: running a different recipe in the
 same workdir is an error before any stage runs, as is a recipe whose stages do not fit together (a source that
 is not an earlier stage, a source family the stage's job does not accept, a stage config its job's schema
 rejects). At the end the report (:mod:`experiments.tools.report`) measures every model side by side and writes
@@ -18,6 +22,7 @@ rejects). At the end the report (:mod:`experiments.tools.report`) measures every
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -25,8 +30,11 @@ import time
 import ml_collections
 from absl import logging
 
+import models
 from experiments.jobs import registry
-from experiments.runtime import config_validation
+from experiments.runtime import config_validation, fingerprint, observe
+
+STAGE_FILE = "stage.json"  # written into a stage's folder when it finishes: the key it ran with
 
 
 class RecipeError(ValueError):
@@ -80,6 +88,11 @@ def _recipe_record(config, names) -> dict:
             "sources": {n: config[n].get("source") for n in names}, "task": config.task}
 
 
+def _write_json(path: str, record: dict) -> None:
+    with models.io.atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+
+
 def _claim_workdir(workdir: str, record: dict) -> None:
     path = os.path.join(workdir, "recipe.json")
     if os.path.exists(path):
@@ -90,31 +103,55 @@ def _claim_workdir(workdir: str, record: dict) -> None:
                               f"workdir for {record['stages']} on {record['task']}")
         return
     os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    _write_json(path, record)
 
 
 def read_results(stage_dir: str) -> dict | None:
     """The stage's ``results.json`` if it exists and parses (a torn write is not a finished stage)."""
-    path = os.path.join(stage_dir, "results.json")
+    return observe.read_results(stage_dir)
+
+
+# Config fields a recipe fills with paths of earlier stages, or that name inputs by path: the key covers the
+# stages they come from instead (a copied workdir keeps its keys).
+PATH_FIELDS = ("data_dir", "model_dir", "teacher_dir", "transfer_file", "models", "quant_states")
+
+
+def stage_keys(config, names: list[str]) -> dict[str, str]:
+    """``{stage: key}``: a hash of each stage's config fingerprint and of its sources' keys, in stage order."""
+    view = registry.RecipeView(config, "", tuple(names))
+    keys: dict[str, str] = {}
+    for name in names:
+        stage = config[name]
+        fp = fingerprint.config_fingerprint(stage.config, exclude=fingerprint.TRAJECTORY_NEUTRAL + PATH_FIELDS)
+        record = {"kind": stage.kind, "config": fp, "sources": {s: keys[s] for s in view.sources(name)},
+                  "data": config.get("data_dir")}
+        keys[name] = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    return keys
+
+
+def recorded_key(stage_dir: str) -> str | None:
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError) as e:
-        logging.warning("%s does not parse (%s): the stage runs again", path, e)
+        with open(os.path.join(stage_dir, STAGE_FILE)) as f:
+            return json.load(f)["key"]
+    except (FileNotFoundError, ValueError, KeyError):
         return None
 
 
-def is_done(stage_dir: str, job: registry.Job, stage_config) -> bool:
-    """A stage is finished when its results.json parses (it is written last) and its model directory exists."""
-    if read_results(stage_dir) is None:
+def is_done(stage_dir: str, job: registry.Job, stage_config, key: str | None = None) -> bool:
+    """A stage is finished when its results.json parses, its model directory exists and (given ``key``) the
+    key it recorded when it finished is ``key``."""
+    if read_results(stage_dir) is None or (key is not None and recorded_key(stage_dir) != key):
         return False
     if job.family(stage_config) is None:
         return True
     return os.path.exists(os.path.join(job.model_dir(stage_dir, stage_config), "config.json"))
+
+
+def _set_aside(stage_dir: str) -> str:
+    """Moves a stage's outputs of an earlier config aside (never deleted); returns the new path."""
+    aside = f"{stage_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(stage_dir, aside)
+    return aside
 
 
 def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -132,17 +169,23 @@ def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
         except config_validation.ConfigError as e:
             raise config_validation.ConfigError(f"stage {name!r}: {e}") from e
     _claim_workdir(workdir, _recipe_record(config, names))
+    keys = stage_keys(config, names)
     out = {}
     for i, name in enumerate(names):
         stage_dir = os.path.join(workdir, name)
         stage = config[name]
         job = registry.JOBS[stage.kind]
-        if is_done(stage_dir, job, stage.config):
+        if is_done(stage_dir, job, stage.config, keys[name]):
             logging.info("[%d/%d] %s (%s): done, skipped", i + 1, len(names), name, stage.kind)
         else:
+            old = recorded_key(stage_dir)
+            if old is not None and old != keys[name]:
+                logging.warning("[%d/%d] %s: its config or an earlier stage it depends on changed; the old outputs "
+                                "move to %s and the stage runs again", i + 1, len(names), name, _set_aside(stage_dir))
             logging.info("[%d/%d] %s (%s): running in %s", i + 1, len(names), name, stage.kind, stage_dir)
             start = time.time()
             job.run(stage.config, stage_dir)
+            _write_json(os.path.join(stage_dir, STAGE_FILE), {"key": keys[name], "kind": stage.kind})
             logging.info("[%d/%d] %s finished in %.1f s", i + 1, len(names), name, time.time() - start)
         out[name] = read_results(stage_dir)
     if config.report.enabled:

@@ -155,3 +155,27 @@ def test_l0_and_qat_stages_run_from_the_recipe_config(tmp_path):
     l0_meta = json.loads((l0_model / "config.json").read_text())
     assert qat_meta["config"] == l0_meta["config"]
     assert set(out["onnx"]["models"]["qat"]) == {"model_fp32.onnx", "model_fp16.onnx", "model_int8.onnx"}
+
+
+def test_a_changed_stage_reruns_with_every_stage_after_it(tmp_path):
+    """Rerunning with a changed teacher config reruns the teacher and the stage built on it (old outputs set
+    aside, not deleted); a change to the last stage alone reruns only that stage."""
+    workdir = tmp_path / "w"
+    first = recipes.run_recipe(tiny_recipe("teacher,int8"), str(workdir))
+    teacher_stamp = os.path.getmtime(workdir / "teacher" / "results.json")
+
+    c = tiny_recipe("teacher,int8")
+    c.int8.config.calibrator = "max"  # was percentile:99.99
+    second = recipes.run_recipe(c, str(workdir))
+    assert os.path.getmtime(workdir / "teacher" / "results.json") == teacher_stamp  # the teacher did not rerun
+    assert second["int8"]["calibrator"] == "max" and first["int8"]["calibrator"] != "max"
+    assert len(list(tmp_path.glob("w/int8.stale-*"))) == 1 and not list(tmp_path.glob("w/teacher.stale-*"))
+
+    c = tiny_recipe("teacher,int8")
+    c.int8.config.calibrator = "max"
+    c.teacher.config.seed = 1  # a different teacher: it and the stage built on it run again
+    third = recipes.run_recipe(c, str(workdir))
+    assert os.path.getmtime(workdir / "teacher" / "results.json") != teacher_stamp
+    assert len(list(tmp_path.glob("w/teacher.stale-*"))) == 1 and len(list(tmp_path.glob("w/int8.stale-*"))) == 2
+    assert third["int8"]["source_model"] == str(workdir / "teacher" / "model")
+    assert third["teacher"]["fingerprint"]["seed"] == 1

@@ -124,3 +124,37 @@ def test_every_checkpoint_corrupt_warns_restarts_and_keeps_the_old_metrics(tmp_p
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("metrics.jsonl.old-")]
     assert len(aside) == 1 and aside[0].read_text() == old_log
     assert f"moved it to {aside[0]}" in caplog.text
+
+
+def test_sigterm_saves_and_stops_then_the_rerun_finishes_the_same_trajectory(tmp_path):
+    """A preemption notice (SIGTERM) mid-run: the step in flight finishes, a checkpoint is saved, fit returns
+    ``preempted_at_step``; the same call again resumes there and ends at w = -0.5 x total steps."""
+    import signal
+
+    sent = []
+
+    def batches_then_sigterm(epoch, start):
+        for i in range(start, 4):
+            if epoch == 0 and i == 3 and not sent:  # while step 3's batch is being fetched
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield {"input_ids": np.zeros((2, 4), np.int32), "attention_mask": np.ones((2, 4), np.int32),
+                   "example_weight": np.ones(2, np.float32)}
+
+    def fit(train_batches):
+        def loss_fn(params, batch, rng, extras):
+            return jnp.sum(params["w"]) * jnp.mean(batch["example_weight"]), trainer.LossAux(weight=jnp.float32(1.0))
+
+        tx = optax.sgd(0.5)
+        settings = loop.LoopSettings(total_steps=8, steps_per_epoch=4, log_every_steps=1, eval_every_steps=0,
+                                     checkpoint_every_steps=100, async_save=False, export="last", progress_bar="off")
+        state = loop.host_state(trainer.TrainState.create({"w": jnp.zeros(3)}, tx, jax.random.key(0)))
+        return loop.fit(str(tmp_path), par=DataParallel("pmap", devices=jax.devices()[:1]), state=state,
+                        train_step=trainer.make_train_step(loss_fn, tx, steps_per_epoch=4), settings=settings,
+                        train_batches=train_batches, evaluate=lambda dstate: {"accuracy": 1.0})
+
+    first = fit(batches_then_sigterm)
+    assert first.preempted_at_step == 4 and _saved_steps(tmp_path) == [4]  # no periodic save before step 100
+    second = fit(batches_then_sigterm)
+    assert second.preempted_at_step is None and second.steps == 8
+    np.testing.assert_array_equal(second.params["w"], np.full(3, -4.0, np.float32))

@@ -126,10 +126,12 @@ def make_predict(run: Run):
     return predict
 
 
-def _train_batches(run: Run):
+def train_batches(run: Run):
+    """``(epoch, start_batch) -> iterator`` of this host's training batches: the model's inputs, labels and
+    weights, plus every technique's batch fields for the global step of each batch."""
     config, feed = run.config, run.inputs + ("labels", "example_weight")
 
-    def train_batches(epoch: int, start_batch: int):
+    def batches(epoch: int, start_batch: int):
         step = epoch * run.steps_per_epoch + start_batch
         for batch in run.train.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
                                        start_batch=start_batch, drop_remainder=True,
@@ -140,7 +142,7 @@ def _train_batches(run: Run):
             step += 1
             yield out
 
-    return train_batches
+    return batches
 
 
 PATH_FIELDS = ("data_dir", "model_dir", "teacher_dir", "transfer_file")  # fingerprinted by content, not by path
@@ -217,7 +219,7 @@ def train_and_evaluate(job, config: ml_collections.ConfigDict, workdir: str) -> 
     result = loop.fit(
         workdir, par=par, state=state, settings=settings,
         train_step=trainer.make_train_step(make_loss(run), tx, run.steps_per_epoch, schedule),
-        train_batches=_train_batches(run),
+        train_batches=train_batches(run),
         evaluate=lambda d: loop.evaluate(par, eval_step, d, run.model_task, config.eval_batch_size, eval_feed),
         extra_overview=f"{job.name}: {run.family} on {run.task.name} ({len(run.train)} training rows, "
                        f"{len(run.model_task.dev)} dev examples); techniques: {', '.join(active) or 'none'}",

@@ -92,7 +92,7 @@ def test_each_training_batch_carries_the_schedule_at_its_global_step(tiny_teache
     run = runner.prepare(registry.JOBS["theseus"], config, str(tmp_path))
     assert run.total_steps == 40 and run.steps_per_epoch < 40
     p = theseus.replacement_schedule(config.theseus, run.total_steps)  # 0.3 + t * 0.7 / 20, then 1
-    batches = runner._train_batches(run)
+    batches = runner.train_batches(run)
     for epoch, start in ((0, 0), (0, 3), (1, 2)):
         for i, batch in enumerate(batches(epoch, start)):
             step = epoch * run.steps_per_epoch + start + i

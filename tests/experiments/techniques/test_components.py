@@ -36,7 +36,7 @@ RNG = jax.random.key(7)
 
 
 def _first_batch(run):
-    return next(runner._train_batches(run)(0, 0))
+    return next(runner.train_batches(run)(0, 0))
 
 
 def _run(config, workdir):

@@ -3,13 +3,14 @@
     python -m experiments.tools.export_eval --model=DIR --task=sst2 --data_dir=../shared/data/sst2 --out=OUT \
         [--precision=fp32,fp16,int8] [--calib_batches=16] [--calib_method=percentile:99.99]
 
-Exports the model with :func:`experiments.tools.export.export_model_dir` (int8 activation scales calibrated on
-shuffled training batches of the task), then scores the dev split with: the JAX model (float32), the JAX
-fake-quantized int8 model (when int8 is requested: what the int8 graph is meant to compute), and each ONNX
-file in onnxruntime (CPU, ``ORT_ENABLE_ALL``, onnxruntime's default). Reports the task metrics, the change
-in accuracy points against JAX float32 and the share of dev predictions that agree with it; prints a table
-and writes ``OUT/eval.json`` beside the ONNX files. Sequence-classification tasks of the Transformer family
-(the tokenizer comes from the model directory).
+Exports the model with :func:`experiments.tools.export.export_model_dir` (int8 activation scales: those a
+QAT model directory carries in ``quant_state.npz``, else calibrated on shuffled training batches of the
+task), then scores the dev split with: the JAX model (float32), the JAX fake-quantized int8 model (when int8
+is requested: what the int8 graph is meant to compute), and each ONNX file in onnxruntime (CPU,
+``ORT_ENABLE_ALL``, onnxruntime's default). Reports the task metrics, the change in accuracy points against
+JAX float32 and the share of dev predictions that agree with it; prints a table and writes ``OUT/eval.json``
+beside the ONNX files. Sequence-classification tasks of the Transformer family (the tokenizer comes from the
+model directory).
 
 Every flag is checked when parsed, before anything is loaded: a Transformer model directory, a known task
 name, an existing data folder, the precisions, the calibration method, the numbers, and ``--out`` not existing
@@ -30,6 +31,7 @@ from compression.export import ExportError
 from experiments.benchmarks.common import print_table, write_json
 from experiments.runtime import evaluation
 from experiments.runtime.metrics import classification_metrics
+from experiments.techniques import qat
 from experiments.tools.export import export_model_dir
 
 INPUTS = evaluation.TRANSFORMER_INPUTS
@@ -70,7 +72,10 @@ def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: s
     if config.num_labels != data.num_labels:
         raise ExportError(f"the model has {config.num_labels} labels, task {task!r} has {data.num_labels}")
     qvars = None
-    if "int8" in precisions:
+    carried = qat.quant_state_path(model_dir)
+    if "int8" in precisions and os.path.isfile(carried):  # a QAT model's own scales: what it trained with
+        qvars = {"params": params, q.QUANT: qat.load_quant_state(carried)}
+    elif "int8" in precisions:
         calibration = evaluation.calibration_batches(data.train, INPUTS, calib_batches, batch_size)
         qvars = q.calibrate(model.apply, {"params": params}, calibration, method=calib_method)
     report = export_model_dir(model_dir, out_dir, precisions, quant_state=qvars and qvars[q.QUANT],

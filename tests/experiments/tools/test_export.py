@@ -154,3 +154,37 @@ def test_export_eval_on_a_synthetic_task(tmp_path):
     assert rows["onnx_fp32"]["agreement"] >= 39 / 40 and abs(rows["onnx_fp32"]["delta_points"]) <= 2.5
     assert rows["jax_fp32"]["delta_points"] == 0.0
     assert os.path.exists(tmp_path / "out" / "eval.json")
+
+
+def test_export_eval_uses_the_scales_a_qat_model_carries(tmp_path, monkeypatch):
+    """A model directory with quant_state.npz (a QAT run's) is exported and scored with those scales, not
+    recalibrated: the int8 rows follow the carried state (here deliberately coarse scales)."""
+    from compression import quantization as q
+    from experiments.data import load_task
+    from experiments.data.synthetic import COPULAS, INTENSIFIERS, NEGATIONS, NEGATIVE, POSITIVE, SUBJECTS
+    words = sorted({w for phrase in SUBJECTS + POSITIVE + NEGATIVE + NEGATIONS + COPULAS + INTENSIFIERS
+                    for w in phrase.split()} | {",", ".", "overall"})
+    _word_tokenizer(tmp_path / "tok", words)
+    params = _save_transformer(tmp_path / "model", tokenizer_dir=tmp_path / "tok")
+    dev = load_task("synthetic", None, tokenizer=str(tmp_path / "model"), max_length=16, synthetic_size=(64, 40)).dev
+    sample = next(dev.batches(16))
+    calibrated = q.calibrate(Transformer(CFG).apply, {"params": params}, [{k: sample[k] for k in
+                                                                           ("input_ids", "attention_mask")}])
+    carried = jax.tree.map(lambda s: np.asarray(s) * 8.0, calibrated[q.QUANT])  # coarse on purpose
+    qat.save_quant_state(str(tmp_path / "model" / "quant_state.npz"), carried)
+    monkeypatch.setattr(q, "calibrate", lambda *a, **k: pytest.fail("recalibrated a QAT model"))
+    result = export_eval.evaluate_exports(str(tmp_path / "model"), "synthetic", None, str(tmp_path / "out"),
+                                          precisions=("fp32", "int8"), batch_size=16, max_length=16,
+                                          max_examples=40, synthetic_size=(64, 40))
+    rows = {r["name"]: r for r in result["rows"]}
+    fake = q.fake_quant().wrap(Transformer(CFG).apply)
+    correct = total = 0
+    for b in dev.batches(16):
+        keep = b["example_weight"] > 0
+        logits = fake({"params": params, q.QUANT: carried}, b["input_ids"], b["attention_mask"],
+                      b["token_type_ids"]).logits
+        correct += int((np.asarray(logits).argmax(-1) == b["labels"])[keep].sum())
+        total += int(keep.sum())
+    assert rows["jax_int8_fake_quant"]["accuracy"] == pytest.approx(correct / total)
+    # the int8 graph computes the fake-quantized model with the carried scales (one near-tie may flip)
+    assert abs(rows["onnx_int8"]["accuracy"] - rows["jax_int8_fake_quant"]["accuracy"]) <= 1 / 40 + 1e-9

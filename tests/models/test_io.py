@@ -180,3 +180,49 @@ def test_extra_files_are_published_in_the_same_rename(tmp_path):
     with pytest.raises(ValueError, match=r"extra_files: \['config.json'\] must be plain file names"):
         io.save(tmp_path / "n", "transformer", CFG, _params(), extra_files={"config.json": write})
     assert not (tmp_path / "n").exists()
+
+
+SAVE_THEN_HANG = """
+import sys, time
+import jax
+import numpy as np
+from models import io
+from models.transformer import Transformer, TransformerConfig
+cfg = TransformerConfig(vocab_size=30, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=12,
+                        max_position_embeddings=10, num_labels=3)
+params = Transformer(cfg).init(jax.random.key(0), np.zeros((1, 5), np.int32))["params"]
+
+def quant_state(path):  # a QAT run's scales, published with the model; the kill lands while they are written
+    np.savez(path, scale=np.float32(0.5))
+    print("writing", flush=True)
+    time.sleep(600)
+
+io.save(sys.argv[1], "transformer", cfg, params, extra_files={"quant_state.npz": quant_state})
+"""
+
+
+def test_a_kill_during_a_qat_save_leaves_no_model_and_the_next_start_cleans_up(tmp_path):
+    """SIGKILL of a real process in the middle of publishing model/ with its quant_state.npz: no model/ appears
+    (a reader would have taken one without scales for finished), and the next run's start-up removes the
+    half-written temporary directory."""
+    import signal
+    import subprocess
+    import sys
+
+    from experiments.runtime import workdir
+    from tests.multidevice import REPO
+
+    target = tmp_path / "run" / "model"
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_THEN_HANG, str(target)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert not target.exists()
+    leftovers = [p.name for p in (tmp_path / "run").iterdir()]
+    assert len(leftovers) == 1 and io.TEMPORARY_PATTERN.match(leftovers[0])  # the killed write, recognisable
+    removed = workdir.remove_stale_temporaries(tmp_path / "run")
+    assert len(removed) == 1 and list((tmp_path / "run").iterdir()) == []

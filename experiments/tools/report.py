@@ -58,11 +58,11 @@ def _dir_size_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 2 ** 20
 
 
-def _metric(results: dict) -> tuple[str | None, float | None]:
-    """The stage's headline dev metric: of the exported step when known, else best, else final."""
+def _metric(results: dict, model_eval: dict | None = None) -> tuple[str | None, float | None]:
+    """The stage's headline dev metric: the saved model's own (its metadata's ``eval``: measured after
+    compaction or successor extraction), else the exported step's, else best, else final."""
     names = results.get("metric_names") or []
-    for section in ("exported", "best", "final"):
-        values = results.get(section) or {}
+    for values in (model_eval or {}, *(results.get(s) or {} for s in ("exported", "best", "final"))):
         for name in list(names) + ["accuracy", "span_f1", "f1"]:
             if name in values:
                 return name, float(values[name])
@@ -95,7 +95,7 @@ def collect(run_dirs: list[str]) -> list[Entry]:
             results_path = os.path.join(c, "results.json")
             results = json.load(open(results_path)) if os.path.exists(results_path) else {}
             model, cfg, params = models.load(os.path.join(c, "model"))
-            name, value = _metric(results)
+            name, value = _metric(results, models.read_meta(os.path.join(c, "model")).get("extra", {}).get("eval"))
             entries.append(Entry(os.path.basename(os.path.normpath(c)), c, os.path.join(c, "model"), cfg.family,
                                  name, value, common.param_count(params), _dir_size_mb(os.path.join(c, "model")),
                                  apply=model.apply, variables={"params": params}))

@@ -30,3 +30,17 @@ def test_sample_batch_runs_through_the_model(family):
     variables = jax.jit(model.init)(jax.random.key(0), *[batch[k] for k in batch])
     out = trainer.model_outputs(model.apply, variables["params"], {}, batch, train=False)
     assert out.logits.shape[0] == 3 and out.logits.shape[-1] == cfg.num_labels
+
+
+def test_a_run_reports_the_metric_of_the_model_it_saved(tmp_path):
+    """L0 exports its last step, compacted: the report takes the saved model's own metrics (0.85 here), not the
+    run's best evaluation of the gated model (0.90)."""
+    import json
+    cfg = TINY["transformer"]
+    model = models.model_class("transformer")(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), **report._sample_batch("transformer", cfg, 1, 4))["params"]
+    models.save(tmp_path / "run" / "model", "transformer", cfg, params, extra={"eval": {"accuracy": 0.85}})
+    (tmp_path / "run" / "results.json").write_text(json.dumps(
+        {"metric_names": ["accuracy"], "best": {"accuracy": 0.90}, "final": {"accuracy": 0.86}}))
+    [entry] = report.collect([str(tmp_path / "run")])
+    assert (entry.metric_name, entry.metric) == ("accuracy", 0.85)

@@ -34,21 +34,21 @@ The teacher's logits over the transfer set are computed once and cached in the w
 for the BiLSTM's 97,349 SST-2 transfer rows, so about 20 for the 67,349 training sentences). Measured on SST-2 from
 the MiniLM teacher (dev accuracy 0.8933; final / best-checkpoint dev accuracy, training time after the logits):
 transformer3 0.8612 / 0.8624 in 12 minutes (700 steps), transformer3_nokd 0.8647 / 0.8647 (11 minutes: at this
-length Hinton KD does not beat gold labels); bilstm 0.8647 / 0.8681 in 21 minutes (3 epochs of the transfer set),
-bilstm_nokd 0.8360 / 0.8429 (14 minutes). On WikiANN (en), from the teacher's span F1 0.7765 (5 epochs, 3,125 steps,
-8 minutes after 9 minutes of teacher logits): cnn_lstm 0.6107 final / 0.6147 best, cnn_lstm_nokd 0.6151 / 0.6167. On
-the training sentences alone the teacher's soft tags add nothing over the gold tags: the student has no pretrained
-word vectors and levels off near 0.61 either way. With unlabeled text for the teacher to tag
-(``--config.transfer_file``: the 10,001 AG News texts of ../shared/data/agnews, label column cut off, HTML entities
-unescaped; 4,685 steps, 27 minutes) cnn_lstm reaches 0.6406 / 0.6437, 2.5-2.7 points above the gold-tag baseline.
-On MRPC (attentive BiLSTM pair student, ``--config.student.pooling=attention``, 3 epochs of the 3,668 training pairs
-+ 3,668 augmented ones, 438 steps, about 6 minutes after the logits; final / best dev accuracy): from the
-single-task teacher (0.8186) 0.6789 / 0.7206, from the MRPC + RTE multi-task teacher (multitask.py, 0.8064) 0.6814 /
-0.7157, bilstm_nokd (training pairs only, 219 steps) 0.6838 / 0.6838 -- all near the majority class (0.684): 3,668
-pairs are too few for a BiLSTM trained from scratch, with or without a teacher. The 3-layer Transformer on MRPC (344
-steps, 15-19 minutes; final / best accuracy, final F1): transformer3 0.7721 / 0.7721, F1 0.8468; transformer3_nokd
-0.7574 / 0.7672, F1 0.8342.
-"""
+length Hinton KD does not beat gold labels); with the live teacher (2026-12-03, seed 0, about 10 minutes each)
+transformer3_pkd 0.8589 and transformer3_tinybert 0.8429 (intermediate layers do not help at this length either);
+bilstm 0.8647 / 0.8681 in 21 minutes (3 epochs of the transfer set), bilstm_nokd 0.8360 / 0.8429 (14 minutes). On
+WikiANN (en), from the teacher's span F1 0.7765 (5 epochs, 3,125 steps, 8 minutes after 9 minutes of teacher
+logits): cnn_lstm 0.6107 final / 0.6147 best, cnn_lstm_nokd 0.6151 / 0.6167. On the training sentences alone the
+teacher's soft tags add nothing over the gold tags: the student has no pretrained word vectors and levels off near
+0.61 either way. With unlabeled text for the teacher to tag (``--config.transfer_file``: the 10,001 AG News texts of
+../shared/data/agnews, label column cut off, HTML entities unescaped; 4,685 steps, 27 minutes) cnn_lstm reaches
+0.6406 / 0.6437, 2.5-2.7 points above the gold-tag baseline. On MRPC (attentive BiLSTM pair student,
+``--config.student.pooling=attention``, 3 epochs of the 3,668 training pairs + 3,668 augmented ones, 438 steps,
+about 6 minutes after the logits; final / best dev accuracy): from the single-task teacher (0.8186) 0.6789 / 0.7206,
+from the MRPC + RTE multi-task teacher (multitask.py, 0.8064) 0.6814 / 0.7157, bilstm_nokd (training pairs only, 219
+steps) 0.6838 / 0.6838 -- all near the majority class (0.684): 3,668 pairs are too few for a BiLSTM trained from
+scratch, with or without a teacher. The 3-layer Transformer on MRPC (344 steps, 15-19 minutes; final / best
+accuracy, final F1): transformer3 0.7721 / 0.7721, F1 0.8468; transformer3_nokd 0.7574 / 0.7672, F1 0.8342."""
 
 from __future__ import annotations
 

@@ -25,14 +25,14 @@ and multipliers have their own constant learning rates (Adam, no weight decay, n
 
 Gates are sampled (their own RNG stream) in training; evaluation, the reported metrics and compaction use the
 deterministic gates. At the end a unit whose deterministic gate is 0 is removed (the hard decision), and the
-remaining gate values are folded into the output projections (:mod:`compression.pruning.compaction`), so the
-saved plain Transformer computes what the gated model computed at evaluation; the run evaluates it and checks
-that its metrics equal the gated model's (``compacted_matches_gated``). Exactly so in float32 without QAT; with
-QAT the folded gate values change what int8 quantizes (the output projections' per-channel weight scales and
-their input activations), and bfloat16 rounds differently, so the compacted model's metrics may differ a little:
-the saved, compacted model's own metrics are the ones reported (``compacted``, the model's ``eval``). A layer whose heads (or FFN units) are
-all closed keeps one unit, the one with the largest ``log_alpha``, with its output-projection rows zeroed: it
-contributes nothing, exactly as its closed gate did (removing the layer would drop its biases too).
+remaining gate values are folded into the output projections (:mod:`compression.pruning.compaction`), so the saved
+plain Transformer computes what the gated model computed at evaluation; the run evaluates it and checks that its
+metrics equal the gated model's (``compacted_matches_gated``). Exactly so in float32 without QAT; with QAT the
+folded gate values change what int8 quantizes (the output projections' per-channel weight scales and their input
+activations), and bfloat16 rounds differently, so the compacted model's metrics may differ a little: the saved,
+compacted model's own metrics are the ones reported (``compacted``, the model's ``eval``). A layer whose heads (or
+FFN units) are all closed keeps one unit, the one with the largest ``log_alpha``, with its output-projection rows
+zeroed: it contributes nothing, exactly as its closed gate did (removing the layer would drop its biases too).
 
 Results: ``achieved_sparsity`` (fraction of FFN units / heads whose gate is 0), ``expected_sparsity``,
 ``heads_per_layer`` / ``ffn_per_layer`` of the compacted model, parameter counts before/after and the

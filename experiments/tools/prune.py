@@ -277,8 +277,8 @@ def prune_and_compact(model_dir: str, task: TaskData, out_dir: str, *, max_drop:
     models.save(os.path.join(out_dir, "model"), "transformer", new_cfg, new_params, tokenizer_dir=model_dir,
                 overwrite=True, extra={**meta, "pruned_from": model_dir, "eval": compacted,
                                        "heads_pruned": chosen.heads_pruned})
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    with models.io.atomic_file(os.path.join(out_dir, "results.json")) as tmp, open(tmp, "w") as f:
+        json.dump(results, f, indent=2)  # written last and whole: a recipe counts the stage done only then
     return results
 
 

@@ -198,12 +198,19 @@ def test_cached_teacher_logits_are_reused_only_for_the_same_key(tmp_path):
     assert calls == [1.0, 3.0, 4.0]
 
 
-def test_transfer_key_changes_with_the_rows_and_the_teacher(teacher_dir, tiny_ner_teacher_dir):
+def test_transfer_key_changes_with_the_rows_and_the_teachers_weights(teacher_dir, tiny_ner_teacher_dir, tmp_path):
+    """Keyed by the weights, not the path: a copied teacher keeps the key, one changed weight does not."""
+    import shutil
     task = load_task("synthetic", None, tokenizer=teacher_dir, max_length=16, synthetic_size=256)
-    key = kd.transfer_key(teacher_dir, [task.train])
-    assert kd.transfer_key(teacher_dir, [task.train]) == key
-    assert kd.transfer_key(teacher_dir, [task.train.select(np.arange(1, len(task.train)))]) != key
-    assert kd.transfer_key(tiny_ner_teacher_dir, [task.train]) != key
+    params = models.load(teacher_dir)[2]
+    key = kd.transfer_key(params, [task.train])
+    shutil.copytree(teacher_dir, tmp_path / "moved")
+    assert kd.transfer_key(models.load(str(tmp_path / "moved"))[2], [task.train]) == key
+    assert kd.transfer_key(params, [task.train.select(np.arange(1, len(task.train)))]) != key
+    assert kd.transfer_key(models.load(tiny_ner_teacher_dir)[2], [task.train]) != key
+    nudged = jax.tree.map(np.array, params)
+    nudged["classifier"]["bias"][0] += 1e-3
+    assert kd.transfer_key(nudged, [task.train]) != key
 
 
 # -- token tasks: the CNN-LSTM tagger student --------------------------------------------------------------

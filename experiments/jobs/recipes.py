@@ -9,15 +9,15 @@ is a stage kind with no change here.
 
 Each stage writes ``WORKDIR/<stage>/`` (its model directory where it makes one, ``results.json`` and, last,
 ``stage.json`` with the stage's key). The key is a hash of the stage's config (the fields that change its result;
-paths excluded) and of its sources' keys, so it changes when the stage's config or any earlier stage it depends
-on changes. A stage whose ``results.json`` parses, whose model exists and whose recorded key is the current one
-is skipped on a rerun; one whose key changed is moved aside (``<stage>.stale-<time>``, nothing is deleted) and
-runs again, and so does every stage after it that depends on it; an interrupted stage resumes from its
-checkpoints. ``WORKDIR/recipe.json`` records the recipe: running a different recipe in the
-same workdir is an error before any stage runs, as is a recipe whose stages do not fit together (a source that
-is not an earlier stage, a source family the stage's job does not accept, a stage config its job's schema
-rejects). At the end the report (:mod:`experiments.tools.report`) measures every model side by side and writes
-``report.md``, ``report.html`` and the plots at the top of the workdir.
+paths excluded), of the content of the files it reads from outside the workdir (data, a pretrained checkpoint) and
+of its sources' keys, so it changes when any of those or any earlier stage it depends on changes. A stage whose
+``results.json`` parses, whose model exists and whose recorded key is the current one is skipped on a rerun; one
+whose key changed is moved aside (``<stage>.stale-<time>``, nothing is deleted) and runs again, and so does every
+stage after it that depends on it; an interrupted stage resumes from its checkpoints. ``WORKDIR/recipe.json``
+records the recipe: running a different recipe in the same workdir is an error before any stage runs, as is a recipe
+whose stages do not fit together (a source that is not an earlier stage, a source family the stage's job does not
+accept, a stage config its job's schema rejects). At the end the report (:mod:`experiments.tools.report`) measures
+every model side by side and writes ``report.md``, ``report.html`` and the plots at the top of the workdir.
 """
 
 from __future__ import annotations
@@ -116,15 +116,33 @@ def read_results(stage_dir: str) -> dict | None:
 PATH_FIELDS = ("data_dir", "model_dir", "teacher_dir", "transfer_file", "models", "quant_states")
 
 
-def stage_keys(config, names: list[str]) -> dict[str, str]:
-    """``{stage: key}``: a hash of each stage's config fingerprint and of its sources' keys, in stage order."""
-    view = registry.RecipeView(config, "", tuple(names))
+def _external_inputs(stage_config, workdir: str) -> dict[str, str]:
+    """Content hashes of the files a stage reads from outside the recipe's workdir (data folder, a pretrained
+    checkpoint, a transfer file), keyed by field; paths inside the workdir are earlier stages' outputs, which
+    their own keys cover."""
+    out = {}
+    for field in PATH_FIELDS:
+        value = stage_config.get(field)
+        if not isinstance(value, str) or not value or not os.path.exists(value):
+            continue
+        if os.path.abspath(value).startswith(os.path.abspath(workdir) + os.sep):
+            continue
+        files = fingerprint.file_fingerprint([value])
+        relative = {os.path.relpath(k, value) if k != value else os.path.basename(k): v for k, v in files.items()}
+        out[field] = hashlib.sha256(json.dumps(relative, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+def stage_keys(config, names: list[str], workdir: str = "") -> dict[str, str]:
+    """``{stage: key}``: a hash of each stage's config fingerprint, the content of the files it reads from
+    outside the workdir, and its sources' keys, in stage order (call after the sources are linked)."""
+    view = registry.RecipeView(config, workdir, tuple(names))
     keys: dict[str, str] = {}
     for name in names:
         stage = config[name]
         fp = fingerprint.config_fingerprint(stage.config, exclude=fingerprint.TRAJECTORY_NEUTRAL + PATH_FIELDS)
-        record = {"kind": stage.kind, "config": fp, "sources": {s: keys[s] for s in view.sources(name)},
-                  "data": config.get("data_dir")}
+        record = {"kind": stage.kind, "config": fp, "inputs": _external_inputs(stage.config, workdir),
+                  "sources": {s: keys[s] for s in view.sources(name)}}
         keys[name] = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
     return keys
 
@@ -169,7 +187,7 @@ def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
         except config_validation.ConfigError as e:
             raise config_validation.ConfigError(f"stage {name!r}: {e}") from e
     _claim_workdir(workdir, _recipe_record(config, names))
-    keys = stage_keys(config, names)
+    keys = stage_keys(config, names, workdir)
     out = {}
     for i, name in enumerate(names):
         stage_dir = os.path.join(workdir, name)

@@ -179,3 +179,21 @@ def test_a_changed_stage_reruns_with_every_stage_after_it(tmp_path):
     assert len(list(tmp_path.glob("w/teacher.stale-*"))) == 1 and len(list(tmp_path.glob("w/int8.stale-*"))) == 2
     assert third["int8"]["source_model"] == str(workdir / "teacher" / "model")
     assert third["teacher"]["fingerprint"]["seed"] == 1
+
+
+def test_a_stage_key_follows_the_content_of_its_outside_inputs(tmp_path):
+    """A data folder outside the workdir enters the key by content: edited data changes the key (the stage and
+    those after it rerun); the same files in another folder do not."""
+    c = tiny_recipe("teacher,int8")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("sentence\tlabel\na fine film\t1\n")
+    c.teacher.config.data_dir = str(data)  # linked: every stage's data_dir
+    names = ["teacher", "int8"]
+    key = recipes.stage_keys(c, names, str(tmp_path / "w"))
+    shutil.copytree(data, tmp_path / "moved")
+    c.teacher.config.data_dir = str(tmp_path / "moved")
+    assert recipes.stage_keys(c, names, str(tmp_path / "w")) == key
+    (tmp_path / "moved" / "train.tsv").write_text("sentence\tlabel\na dull film\t0\n")
+    changed = recipes.stage_keys(c, names, str(tmp_path / "w"))
+    assert changed["teacher"] != key["teacher"] and changed["int8"] != key["int8"]

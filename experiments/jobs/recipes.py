@@ -30,7 +30,6 @@ import time
 import ml_collections
 from absl import logging
 
-import models
 from experiments.jobs import registry
 from experiments.runtime import config_validation, fingerprint, observe
 
@@ -88,11 +87,6 @@ def _recipe_record(config, names) -> dict:
             "sources": {n: config[n].get("source") for n in names}, "task": config.task}
 
 
-def _write_json(path: str, record: dict) -> None:
-    with models.io.atomic_file(path) as tmp, open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-
-
 def _claim_workdir(workdir: str, record: dict) -> None:
     path = os.path.join(workdir, "recipe.json")
     if os.path.exists(path):
@@ -103,7 +97,7 @@ def _claim_workdir(workdir: str, record: dict) -> None:
                               f"workdir for {record['stages']} on {record['task']}")
         return
     os.makedirs(workdir, exist_ok=True)
-    _write_json(path, record)
+    observe.write_json(path, record)
 
 
 def read_results(stage_dir: str) -> dict | None:
@@ -203,7 +197,7 @@ def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("[%d/%d] %s (%s): running in %s", i + 1, len(names), name, stage.kind, stage_dir)
             start = time.time()
             job.run(stage.config, stage_dir)
-            _write_json(os.path.join(stage_dir, STAGE_FILE), {"key": keys[name], "kind": stage.kind})
+            observe.write_json(os.path.join(stage_dir, STAGE_FILE), {"key": keys[name], "kind": stage.kind})
             logging.info("[%d/%d] %s finished in %.1f s", i + 1, len(names), name, time.time() - start)
         out[name] = read_results(stage_dir)
     if config.report.enabled:

@@ -7,23 +7,18 @@ Every one writes ``workdir/results.json`` last.
 
 from __future__ import annotations
 
-import json
 import os
 
 import models
 from compression import quantization as q
 from experiments.data import load_task
-from experiments.runtime import evaluation
+from experiments.runtime import evaluation, observe
 from experiments.runtime.config_validation import ConfigError
 from experiments.techniques import qat
 
 
 def _write_results(workdir: str, results: dict) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    observe.write_json(os.path.join(workdir, "results.json"), results)  # written last: the stage is done
 
 
 def _require_model_dir(config) -> str:

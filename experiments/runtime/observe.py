@@ -200,6 +200,12 @@ def log_line(step: int, total: int, metrics: Mapping[str, float]) -> None:
     logging.info("  ".join(parts))
 
 
+def write_json(path: str, record: Mapping[str, Any]) -> None:
+    """Writes ``record`` to ``path`` atomically (readers see the old file or the whole new one)."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+
+
 def write_results(workdir: str, *, final: Mapping[str, float], best: Mapping[str, float], steps: int,
                   wall_time_s: float, extra: Mapping[str, Any] | None = None) -> str:
     """Writes ``workdir/results.json`` atomically: ``{"final", "best", "steps", "wall_time_s", ...extra}``.
@@ -211,8 +217,7 @@ def write_results(workdir: str, *, final: Mapping[str, float], best: Mapping[str
     if is_writer():
         record = {"final": dict(final), "best": dict(best), "steps": int(steps), "wall_time_s": float(wall_time_s)}
         record.update(extra or {})
-        with atomic_file(path) as tmp, open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
+        write_json(path, record)
     return path
 
 

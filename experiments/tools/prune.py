@@ -45,7 +45,7 @@ from compression.pruning import compaction, head_importance
 from compression.pruning.head_importance import PruningStep
 from compression.pruning.site_masks import MASKS, site_masks, unflatten
 from experiments.data import TaskData, load_task
-from experiments.runtime import evaluation, trainer
+from experiments.runtime import evaluation, observe, trainer
 from experiments.tools import cli
 
 INPUTS = evaluation.TRANSFORMER_INPUTS
@@ -277,8 +277,7 @@ def prune_and_compact(model_dir: str, task: TaskData, out_dir: str, *, max_drop:
     models.save(os.path.join(out_dir, "model"), "transformer", new_cfg, new_params, tokenizer_dir=model_dir,
                 overwrite=True, extra={**meta, "pruned_from": model_dir, "eval": compacted,
                                        "heads_pruned": chosen.heads_pruned})
-    with models.io.atomic_file(os.path.join(out_dir, "results.json")) as tmp, open(tmp, "w") as f:
-        json.dump(results, f, indent=2)  # written last and whole: a recipe counts the stage done only then
+    observe.write_json(os.path.join(out_dir, "results.json"), results)  # written last: the stage is done
     return results
 
 

@@ -28,6 +28,7 @@ import time
 
 import jax
 import ml_collections
+import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -63,11 +64,14 @@ def _check_best_metric(config, run: Run) -> None:
 
 def optimizer(run: Run):
     """``(tx, schedule)``: ``config.optimizer``'s AdamW on ``tree["model"]`` (the techniques' frozen paths
-    added to ``freeze_regex``), and each technique's optimizer on its own part of the tree."""
+    added to ``freeze_regex``) followed by the techniques' ``model_updates``, and each technique's optimizer on
+    its own part of the tree."""
     opt = run.config.optimizer.to_dict()
     opt["freeze_regex"] = "|".join(r for r in (*run.freeze_regex, opt["freeze_regex"]) if r)
     model_tx, schedule = trainer.optimizer_from_config(ml_collections.ConfigDict(opt), run.tree["model"],
                                                        run.total_steps)
+    if run.model_updates:
+        model_tx = optax.chain(model_tx, *run.model_updates)
     missing = sorted(set(run.tree) - {"model"} - set(run.optimizers))
     if missing:
         raise ValueError(f"no optimizer for the trainable part(s) {missing}")

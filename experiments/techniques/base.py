@@ -68,6 +68,8 @@ class Run:
       loss_terms: added to the task loss: ``(tree, batch) -> (loss, metrics)`` (a Lagrangian).
       optimizers: ``{tree key: optax transformation}`` for the techniques' trainable state.
       freeze_regex: regexes over model parameter paths frozen in the model's optimizer.
+      model_updates: optax transformations chained after the model's optimizer, in order (they see the
+        model's params; e.g. magnitude masks that keep pruned weights at zero).
       calibration_apply: ``(variables, **inputs) -> outputs`` with every wrapper but quantization, for QAT.
       finalizers: ``(Exported) -> None`` in order, after training (turn the trained tree into the saved model).
       results: extra entries of ``results.json`` and of the saved model's metadata.
@@ -104,6 +106,7 @@ class Run:
     loss_terms: list[Callable[[dict, dict], tuple[Any, dict]]] = dataclasses.field(default_factory=list)
     optimizers: dict[str, optax.GradientTransformation] = dataclasses.field(default_factory=dict)
     freeze_regex: list[str] = dataclasses.field(default_factory=list)
+    model_updates: list[optax.GradientTransformation] = dataclasses.field(default_factory=list)
     finalizers: list[Callable[["Exported"], None]] = dataclasses.field(default_factory=list)
     results: dict = dataclasses.field(default_factory=dict)
     model_files: dict[str, Callable[[str], None]] = dataclasses.field(default_factory=dict)

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from compression.pruning import compaction, l0, layerdrop, magnitude
@@ -178,3 +179,48 @@ def test_compaction_errors_and_layer_removal():
         compaction.layer_masks(gated["gates"])
     heads, _ = compaction.layer_masks(l0.deterministic_masks(gated["gates"]))
     assert set(heads) == {0, 1}
+
+
+def test_magnitude_masks_take_a_traced_sparsity():
+    params = {"layer_0": {"intermediate": {"kernel": jax.random.normal(jax.random.key(0), (8, 16))}}}
+    eager = magnitude.magnitude_masks(params, 0.3)
+    traced = jax.jit(lambda p, s: magnitude.magnitude_masks(p, s))(params, jnp.float32(0.3))
+    np.testing.assert_array_equal(traced["layer_0"]["intermediate"]["kernel"],
+                                  eager["layer_0"]["intermediate"]["kernel"])
+    assert float(eager["layer_0"]["intermediate"]["kernel"].mean()) == 1 - np.floor(0.3 * 128) / 128
+
+
+def test_gradual_magnitude_pruning_follows_zhu_gupta_written_in_numpy():
+    """SGD then the pruning transformation, against the schedule and the global threshold computed in numpy:
+    masks are recomputed at updates 2, 6 and 10 (begin, every 4, end) and held in between."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    params = {"layer_0": {"intermediate": {"kernel": jax.random.normal(keys[0], (8, 16)), "bias": jnp.ones(16)},
+                          "output": {"kernel": jax.random.normal(keys[1], (16, 8))}}}
+    matched = ("intermediate/kernel", "output/kernel")
+    final, begin, end, every, lr = 0.75, 2, 10, 4, 0.1
+    tx = optax.chain(optax.sgd(lr), magnitude.gradual_magnitude_pruning(final, begin, end, every))
+    state, step = tx.init(params), jax.jit(tx.update)
+
+
+    def flat(tree):  # "intermediate/kernel" -> array
+        return {"/".join(str(getattr(x, "key", x)) for x in k)[len("layer_0/"):]: np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+    ref, masks = flat(params), {k: np.ones_like(v) for k, v in flat(params).items() if k in matched}
+    for t in range(14):
+        grads = jax.tree.map(lambda p, k=jax.random.fold_in(keys[2], t): jax.random.normal(k, p.shape), params)
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        new = {k: ref[k] - lr * v for k, v in flat(grads).items()}
+        if begin <= t <= end and ((t - begin) % every == 0 or t == end):
+            s = final * (1 - (1 - (t - begin) / (end - begin)) ** 3)
+            scores = np.concatenate([np.abs(new[k]).ravel() for k in matched])
+            k = int(np.floor(s * scores.size))
+            threshold = -np.inf if k == 0 else np.sort(scores)[k - 1]
+            masks = {m: (np.abs(new[m]) > threshold).astype(np.float32) for m in matched}
+        ref = {k: v * masks[k] if k in masks else v for k, v in new.items()}
+        for k, v in flat(params).items():
+            np.testing.assert_allclose(v, ref[k], rtol=1e-6, atol=1e-6, err_msg=f"update {t}, {k}")
+    zeros = sum(int((flat(params)[k] == 0).sum()) for k in matched)
+    assert zeros == int(0.75 * 256)  # the final sparsity exactly
+    assert np.all(flat(params)["intermediate/bias"] != 0)  # unmatched weights are never pruned

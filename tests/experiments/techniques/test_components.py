@@ -8,7 +8,9 @@ TinyBERT from a live teacher) is assembled directly from the library transforms,
 written from the hard-concrete formula.
 """
 
+import logging
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +31,7 @@ from experiments.configs import theseus as theseus_configs
 from experiments.jobs import registry, runner
 from experiments.runtime.config_validation import ConfigError
 from experiments.techniques import qat as qat_technique
-from tests.experiments.tiny import tiny_job
+from tests.experiments.tiny import tiny_config, tiny_job
 from tests.multidevice import REPO
 
 RNG = jax.random.key(7)
@@ -187,6 +189,47 @@ def test_theseus_component_is_the_mixed_model_at_the_scheduled_probability(tiny_
     assert all(np.all(g == 0) for k, g in flat.items() if "predecessor" in k)
 
 
+def _matched_zeros(params) -> tuple[int, int]:
+    """(zeros, size) over the attention and FFN kernels, found by their paths here (not by the technique)."""
+    zeros = total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name.endswith("/kernel") and any(part in name for part in ("/attention/", "/intermediate/", "/output/")) \
+                and "/layer_" in name and "pooler" not in name:
+            leaf = np.asarray(leaf)
+            zeros, total = zeros + int((leaf == 0).sum()), total + leaf.size
+    return zeros, total
+
+
+def test_magnitude_pruning_reaches_its_sparsity_and_resumes_exactly(tmp_path, caplog):
+    """Gradual magnitude pruning in a fine-tuning run: the saved model has floor(0.5 n) zero attention and FFN
+    weights (the global target, reached at step 12 of 24 and held), results.json measures the same, and a run
+    resumed from step 16's checkpoint ends with the same parameters: the masks, recomputed last at step 12,
+    come back from the optimizer state (fresh all-ones masks would let steps 16-24 revive pruned weights)."""
+    config = tiny_config(magnitude__final_sparsity=0.5, magnitude__frequency=4, magnitude__end_fraction=0.5,
+                         export="last", checkpoint__keep=8)
+    workdir = tmp_path / "run"
+    results = registry.run(config, str(workdir))
+    _, _, params = models.load(str(workdir / "model"))
+    zeros, total = _matched_zeros(params)
+    assert total > 1000 and zeros == math.floor(0.5 * total)
+    assert results["magnitude"]["sparsity"] == zeros / total and results["magnitude"]["end_step"] == 12
+    assert results["techniques"] == ["magnitude"]
+
+    for name in ("model", "results.json"):
+        path = workdir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.name.isdigit() and int(step_dir.name) > 16:
+            shutil.rmtree(step_dir)
+    with caplog.at_level(logging.INFO):
+        registry.run(config, str(workdir))
+    assert "resumed from checkpoint step 16" in caplog.text
+    _, _, resumed = models.load(str(workdir / "model"))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
 # -- what the runner refuses before any work ---------------------------------------------------------------
 
 def _distill(student="transformer3", task="synthetic", **changes):
@@ -226,6 +269,12 @@ BAD_COMBINATIONS = {
     "L0 exporting the best step": (_l0(export="best"), "only the last step meets the sparsity targets"),
     "a layer map without an intermediate term": (_distill(**{"distill.layer_map": "1:2"}), "has no intermediate"),
     "distillation without a teacher": (_distill(teacher_dir=None), "needs config.teacher_dir"),
+    "magnitude pruning with Theseus": (_l0(**{"l0.enabled": False, "theseus.enabled": True,
+                                              "magnitude.final_sparsity": 0.5}), "would prune the frozen predecessor"),
+    "magnitude pruning of a BiLSTM by the Transformer pattern": (
+        _distill("bilstm", **{"magnitude.final_sparsity": 0.5, "export": "last"}), "name its kernels"),
+    "magnitude pruning exporting the best step": (_distill(**{"magnitude.final_sparsity": 0.5, "export": "best"}),
+                                                  "not at the final sparsity"),
 }
 
 

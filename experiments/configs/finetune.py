@@ -37,6 +37,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from experiments.runtime import selection
 from experiments.runtime.config_validation import prefixed
 from experiments.runtime.parallel import MODES
 from experiments.runtime.trainer import SCHEDULES
@@ -83,6 +84,7 @@ def training_config(task: str) -> ml_collections.ConfigDict:
     c.max_length = 64  # longest input in sub-tokens, [CLS]/[SEP] included; longer inputs are truncated
     c.synthetic_size = 2000  # training examples of a generated task (dev gets a quarter); ignored otherwise
     c.seed = 0  # seeds parameter init of new heads, dropout and data order
+    selection.section_fields(c)  # where the best checkpoint is chosen (experiments/runtime/selection.py)
     c.parallelism = "pmap"  # "pmap" (per-device step under jax.pmap) or "shard_map" (jit + shard_map on a mesh)
     # compute precision (compression.precision): "float32" | "bfloat16" | "float16" (aliases fp32/bf16/fp16);
     # float32 master weights, float32 islands (softmax, attention scores, LayerNorm, logits), float32 loss
@@ -115,11 +117,12 @@ def training_config(task: str) -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500  # periodic checkpoint every N steps (evals also checkpoint); 0: only evals
     c.checkpoint.keep = 2  # newest checkpoints kept (the best one is kept besides)
-    c.checkpoint.best_metric = _optional_str("accuracy")  # dev metric whose best checkpoint is kept; None: none
+    # metric whose best checkpoint is kept, measured on the selection split (config.selection); None: none
+    c.checkpoint.best_metric = _optional_str("accuracy")
     c.checkpoint.best_mode = "max"  # "max" or "min": which direction of best_metric is better
     c.checkpoint.async_save = True  # write checkpoints in the background
 
-    c.export = "best"  # params saved to workdir/model: "best" (by best_metric) or "last"
+    c.export = "best"  # params saved to workdir/model: "best" (by best_metric on the selection split) or "last"
     c.progress_bar = "auto"  # tqdm bar: "auto" (when stderr is a terminal), "on" or "off"
     return c
 
@@ -135,7 +138,7 @@ TRAINING_CONSTRAINTS = {
     "num_epochs": dict(min=0.0), "num_train_steps": dict(min=-1), "log_every_steps": dict(min=1),
     "eval_every_steps": dict(min=0), "checkpoint.every_steps": dict(min=0), "checkpoint.keep": dict(min=1),
     "checkpoint.best_mode": dict(choices=("max", "min")), "export": dict(choices=("best", "last")),
-    "progress_bar": dict(choices=("auto", "on", "off")),
+    "progress_bar": dict(choices=("auto", "on", "off")), **selection.CONSTRAINTS,
     **{path: rule for t in TECHNIQUES for path, rule in prefixed(t.name, t.constraints).items()},
 }
 CONSTRAINTS = {**TRAINING_CONSTRAINTS, "job": dict(choices=("finetune", "theseus", "l0", "qat")),

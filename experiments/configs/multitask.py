@@ -59,7 +59,8 @@ def get_config(arg: str = "mrpc,rte") -> ml_collections.ConfigDict:
     c.num_epochs = 3.0 if generated else 5.0  # epochs over ALL tasks' batches (when num_train_steps is -1)
     c.eval_every_steps = 100 if generated else 200  # dev evaluation of every task every N steps (and at the end)
     c.checkpoint.every_steps = c.eval_every_steps  # periodic checkpoints (evals also checkpoint)
-    # dev metric whose best checkpoint is kept and exported: "headline" (mean of the tasks' first metrics),
+    # metric (on each task's selection split, config.selection) whose best checkpoint is kept and exported:
+    # "headline" (mean of the tasks' first metrics),
     # "loss" (mean dev loss; set best_mode "min") or "TASK/METRIC" (e.g. "mrpc/f1")
     c.checkpoint.best_metric = "headline"
     c.checkpoint.best_mode = "max"  # headline and task metrics: higher is better
@@ -71,5 +72,5 @@ CONSTRAINTS = {**{k: v for k, v in finetune.TRAINING_CONSTRAINTS.items()
                   if k.split(".")[0] in ("max_length", "seed", "synthetic_size", "parallelism", "precision",
                                          "loss_scale", "optimizer", "batch_size", "eval_batch_size", "num_epochs",
                                          "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint",
-                                         "export", "progress_bar")},
+                                         "export", "progress_bar", "selection", "selection_size")},
                "job": dict(choices=("multitask",))}

@@ -19,6 +19,12 @@ Names
       ``train=FILE``, ``dev=FILE`` override the file names;
   * ``glue/<config>``, ``hub:<id>[:OPTIONS]``: Hugging Face hub datasets (see :mod:`experiments.data.hub`).
 
+Selection split: ``load_task(..., selection="auto" | N)`` carves a fixed set of examples out of the train split
+(:data:`SELECTION_SEED`, independent of every run seed, so a teacher, its students and the tools that read their
+models all hold out the same rows) into ``TaskData.selection``: never trained on (nor in a vocabulary built
+from train), it is where runs and tools make their choices (best checkpoint, pruning point, calibrator), so that
+the dev figure they report took no part in the choice. ``"auto"``: ``min(2000, a tenth of train)``.
+
 Every problem with the input -- missing file (named), missing column, label outside the label set (file and
 line named), empty split, unknown name -- raises before anything is encoded or trained.
 """
@@ -44,6 +50,8 @@ from experiments.data.vocab import CharVocab, WordVocab
 log = logging.getLogger(__name__)
 
 AGNEWS_DEV_SIZE = 1000
+SELECTION_SEED = 20_251_203  # fixed: the same carve-out for every run, seed and tool
+SELECTION_CAP = 2000  # "auto" selection size: min(SELECTION_CAP, a tenth of train)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,12 @@ class TaskData:
     tokenizer: SubwordTokenizer | None = None
     word_vocab: WordVocab | None = None
     char_vocab: CharVocab | None = None
+    selection: Split | None = None  # carved out of train (never trained on), where choices are made
+
+    @property
+    def choice_split(self) -> Split:
+        """The split choices are made on: ``selection`` when carved, else ``dev`` (the old behaviour)."""
+        return self.dev if self.selection is None else self.selection
 
     @property
     def num_labels(self) -> int:
@@ -231,6 +245,25 @@ def _raw_task(name, data_dir, seed, synthetic_size):
     raise ValueError(f"unknown task {name!r}; known: {', '.join(known_task_names())}")
 
 
+def selection_size(n_train: int, requested: int | str) -> int:
+    """Examples the selection split takes from ``n_train``: ``requested`` ("auto": min(2000, n_train // 10)),
+    leaving at least as many for training; a ValueError naming the sizes otherwise."""
+    size = min(SELECTION_CAP, n_train // 10) if requested == "auto" else requested
+    if not isinstance(size, int) or size < 1 or size > n_train // 2:
+        raise ValueError(f"a selection split of {requested!r} examples does not fit a train split of {n_train}: "
+                         f"give 1 to {n_train // 2} examples (or selection='dev')")
+    return size
+
+
+def carve_selection(raw_train: RawSplit, requested: int | str) -> tuple[RawSplit, RawSplit]:
+    """``(train without the selection rows, the selection rows)``, both in file order; the rows are the first
+    ``selection_size`` of a permutation seeded by :data:`SELECTION_SEED` alone."""
+    n = len(raw_train)
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(SELECTION_SEED).permutation(n)[:selection_size(n, requested)]] = True
+    return raw_train.select(np.flatnonzero(~held)), raw_train.select(np.flatnonzero(held))
+
+
 def _check_buckets(buckets, max_length: int) -> tuple[int, ...]:
     if buckets is None:
         return default_buckets(max_length)
@@ -244,7 +277,8 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, tokenizer
               word_vocab: WordVocab | Literal["build"] | None = None,
               char_vocab: CharVocab | Literal["build"] | None = None, seed: int = 0,
               synthetic_size: int | tuple[int, int] = 2000, buckets: Sequence[int] | None = None,
-              max_word_chars: int = 16, truncation: bool = True) -> TaskData:
+              max_word_chars: int = 16, truncation: bool = True,
+              selection: int | Literal["auto"] | None = None) -> TaskData:
     """Reads or generates task ``name`` and encodes its train and dev splits (see the module docstring for
     names and :mod:`experiments.data.features` for the batch keys).
 
@@ -262,6 +296,8 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, tokenizer
       buckets: static padded lengths (default :func:`~experiments.data.batching.default_buckets`);
         ``max_length`` is always the last one.
       max_word_chars: characters per word in ``char_ids``.
+      selection: examples carved out of train into ``TaskData.selection`` (see the module docstring): a count,
+        ``"auto"``, or ``None`` for no selection split (choices on dev).
     """
     if not isinstance(max_length, int) or max_length < 4:
         raise ValueError(f"max_length must be an int >= 4, got {max_length!r}")
@@ -275,7 +311,11 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, tokenizer
     sub = as_subword_tokenizer(tokenizer) if tokenizer is not None else None
 
     raw_train, raw_dev, values, label_names = _raw_task(name, data_dir, seed, synthetic_size)
-    labels = {"train": label_ids(raw_train, values), "dev": label_ids(raw_dev, values)}
+    raws = {"train": raw_train, "dev": raw_dev}
+    if selection is not None:
+        raw_train, raws["selection"] = carve_selection(raw_train, selection)
+        raws["train"] = raw_train
+    labels = {which: label_ids(raw, values) for which, raw in raws.items()}
     kind = "token" if raw_train.tokens is not None else "sequence"
     is_pair = raw_train.texts_b is not None
 
@@ -288,7 +328,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, tokenizer
         char_vocab = None
 
     splits = {}
-    for which, raw in (("train", raw_train), ("dev", raw_dev)):
+    for which, raw in raws.items():
         split_name = f"{name}/{which}"
         if kind == "token":
             feats = encode_tagged(split_name, raw.tokens, labels[which], tokenizer=sub, word_vocab=word_vocab,
@@ -306,4 +346,4 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, tokenizer
         metrics = ["accuracy", "f1", "mcc"] if len(label_names) == 2 else ["accuracy"]
     return TaskData(name=name, kind=kind, is_pair=is_pair, label_names=label_names, train=splits["train"],
                     dev=splits["dev"], metric_names=metrics, max_length=max_length, tokenizer=sub,
-                    word_vocab=word_vocab, char_vocab=char_vocab)
+                    word_vocab=word_vocab, char_vocab=char_vocab, selection=splits.get("selection"))

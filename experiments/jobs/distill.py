@@ -40,7 +40,7 @@ from experiments.data.features import encode_sequences, encode_tagged
 from experiments.data.readers import RawSplit
 from experiments.data.vocab import CharVocab, WordVocab
 from experiments.jobs.train import with_index
-from experiments.runtime import evaluation, loop
+from experiments.runtime import evaluation, loop, selection
 from experiments.runtime.config_validation import ConfigError
 from experiments.techniques.base import Run
 from models.bilstm import BiLSTMConfig
@@ -212,6 +212,7 @@ def build(config, workdir: str, key) -> Run:
     word_level = s.family != "transformer"
     load = functools.partial(load_task, config.task, config.data_dir, tokenizer=teacher_dir,
                              max_length=config.max_length, seed=config.seed, synthetic_size=config.synthetic_size,
+                             selection=selection.task_arg(config),
                              **({"max_word_chars": s.max_word_chars} if tagger else {}))
     task = load(word_vocab="build" if word_level else None)
     _check_pairing(s.family, task.kind, f"task {task.name} is")
@@ -232,7 +233,8 @@ def build(config, workdir: str, key) -> Run:
     # The CNN-LSTM trains and evaluates on the word-level view of the splits; the teacher reads sub-tokens.
     model_task = task
     if tagger:
-        model_task = dataclasses.replace(task, train=_tagger_split(task.train), dev=_tagger_split(task.dev))
+        model_task = dataclasses.replace(task, train=_tagger_split(task.train), dev=_tagger_split(task.dev),
+                                         selection=None if task.selection is None else _tagger_split(task.selection))
     extras = [x for x in (_augmented(task, config), _unlabeled_split(task, unlabeled_raw, s.max_word_chars))
               if x is not None] if config.distill.preset != "none" else []
     if extras:

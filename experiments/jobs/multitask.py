@@ -43,7 +43,7 @@ from compression import loss_scale, precision
 from experiments.data import TaskData, load_task
 from experiments.data.tasks import LOCAL_TASKS, SYNTHETIC_TASKS
 from experiments.jobs.train import is_saved_model
-from experiments.runtime import config_validation, loop, observe, trainer
+from experiments.runtime import config_validation, loop, observe, selection, trainer
 from experiments.runtime.config_validation import ConfigError
 from experiments.runtime.parallel import AXIS, DataParallel
 from models import hf
@@ -306,7 +306,8 @@ def multitask_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> d
     observe.quiet_library_logs()
     workdir = os.path.abspath(workdir)
     tasks = [load_task(t, config.data_dirs[t], tokenizer=config.model_dir, max_length=config.max_length,
-                       seed=config.seed, synthetic_size=config.synthetic_size) for t in names]
+                       seed=config.seed, synthetic_size=config.synthetic_size, selection=selection.task_arg(config))
+             for t in names]
     _check_best_metric(config, tasks)
     num_labels = [t.num_labels for t in tasks]
     offsets = label_offsets(num_labels)
@@ -330,13 +331,17 @@ def multitask_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> d
     eval_steps = [par.compile(trainer.make_eval_step(trainer.classification_predict(
         sliced_apply(apply_fn, int(o), t.num_labels)))) for t, o in zip(tasks, offsets)]
 
-    def evaluate(dstate) -> dict[str, float]:
-        per_task = {t.name: loop.evaluate(par, step, dstate, t, config.eval_batch_size, MODEL_INPUTS)
-                    for t, step in zip(tasks, eval_steps)}
-        return combine_evals(per_task, tasks)
+    held_out = all(t.selection is not None for t in tasks)
+
+    def evaluate(dstate) -> dict[str, float]:  # dev, and the selection splits where the best step is chosen
+        def on(split_of):
+            return combine_evals({t.name: loop.evaluate(par, step, dstate, t, config.eval_batch_size, MODEL_INPUTS,
+                                                        split_of(t)) for t, step in zip(tasks, eval_steps)}, tasks)
+        return selection.merge(on(lambda t: None), on(lambda t: t.selection) if held_out else None)
 
     settings = loop.LoopSettings.from_config(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                                             headline_metric=HEADLINE, minimum_loss_scale=ls.minimum_scale)
+                                             headline_metric=HEADLINE, minimum_loss_scale=ls.minimum_scale,
+                                             choice_prefix=selection.PREFIX if held_out else "")
     result = loop.fit(
         workdir, par=par, state=state, settings=settings,
         train_step=make_multitask_step(apply_fn, num_labels, tx, steps_per_epoch, schedule),
@@ -350,7 +355,8 @@ def multitask_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> d
     extra = {"tasks": names, "metric_names": {t.name: t.metric_names for t in tasks},
              "exported_step": result.exported_step, "model_dirs": {t: os.path.join(workdir, f"model_{t}")
                                                                     for t in names},
-             "num_devices": par.num_devices, "parallelism": par.mode}
+             "num_devices": par.num_devices, "parallelism": par.mode,
+             "selection": {t.name: selection.record(t) for t in tasks}}
     results_path = observe.write_results(workdir, final=final, best=best, steps=result.steps,
                                          wall_time_s=result.wall_time_s, extra=extra)
     if observe.is_writer():
@@ -360,7 +366,8 @@ def multitask_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> d
                         extra={"task": t.name, "kind": t.kind, "label_names": list(t.label_names),
                                "max_length": config.max_length, "step": result.exported_step,
                                "eval": dict(chosen[t.name], step=chosen.get("step")),
-                               "multitask": {"tasks": names, "workdir": workdir}},
+                               "multitask": {"tasks": names, "workdir": workdir},
+                               "selection": selection.record(t)},
                         overwrite=True)
         logging.info("done: %d steps in %.1f s; final %s; best %s; results in %s", result.steps,
                      result.wall_time_s, final, best, results_path)

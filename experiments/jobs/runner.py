@@ -11,7 +11,9 @@ initial parameters). :func:`train_and_evaluate` owns the rest, the same for ever
 3. one jitted step composes them: the model's apply wrapped by every technique, the task loss (or the
    distillation loss) plus every technique's terms, one optimizer per part of the trainable tree;
 4. :func:`experiments.runtime.loop.fit` trains, evaluates, checkpoints, resumes and survives preemption;
-5. the finalizers turn the exported tree into the saved model (successor extraction, compaction, scales),
+5. the best step is chosen on the selection split (:mod:`experiments.runtime.selection`; dev metrics are
+   recorded beside it and are what ``results.json`` and the saved model report);
+6. the finalizers turn the exported tree into the saved model (successor extraction, compaction, scales),
    ``results.json`` and ``model/`` are written by process 0, and all processes meet at a barrier.
 
 Writes into ``workdir``: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, ``results.json`` and ``model/``
@@ -33,7 +35,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import models
-from experiments.runtime import config_validation, fingerprint, loop, observe, trainer
+from experiments.runtime import config_validation, fingerprint, loop, observe, selection, trainer
 from experiments.runtime.parallel import DataParallel
 from experiments.techniques import TECHNIQUES
 from experiments.techniques.base import Exported, Run
@@ -194,6 +196,7 @@ def prepare(job, config: ml_collections.ConfigDict, workdir: str) -> Run:
     init_key, _ = jax.random.split(jax.random.key(config.seed))
     run = job.build(config, workdir, init_key)
     _check_best_metric(config, run)
+    run.metadata["selection"] = selection.record(run.model_task)
     for technique in TECHNIQUES:
         if technique.active(config):
             technique.setup(run)
@@ -217,14 +220,22 @@ def train_and_evaluate(job, config: ml_collections.ConfigDict, workdir: str) -> 
     fp = run_fingerprint(run)
     eval_step = par.compile(trainer.make_eval_step(make_predict(run)))
     eval_feed = run.inputs + ("labels", "example_weight")
+    held_out = run.model_task.selection
+
+    def evaluate(dstate) -> dict:  # dev, and the selection split where the best step is chosen
+        def on(split):
+            return loop.evaluate(par, eval_step, dstate, run.model_task, config.eval_batch_size, eval_feed, split)
+        return selection.merge(on(None), None if held_out is None else on(held_out))
+
     settings = loop.LoopSettings.from_config(config, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
                                              headline_metric=run.model_task.metric_names[0],
-                                             minimum_loss_scale=config.loss_scale.minimum_scale)
+                                             minimum_loss_scale=config.loss_scale.minimum_scale,
+                                             choice_prefix=selection.choice_key(run.model_task, ""))
     result = loop.fit(
         workdir, par=par, state=state, settings=settings,
         train_step=trainer.make_train_step(make_loss(run), tx, run.steps_per_epoch, schedule),
         train_batches=train_batches(run),
-        evaluate=lambda d: loop.evaluate(par, eval_step, d, run.model_task, config.eval_batch_size, eval_feed),
+        evaluate=evaluate,
         extra_overview=f"{job.name}: {run.family} on {run.task.name} ({len(run.train)} training rows, "
                        f"{len(run.model_task.dev)} dev examples); techniques: {', '.join(active) or 'none'}",
         fingerprint=fp, allow_changed=config.allow_changed_config)

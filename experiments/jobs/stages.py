@@ -12,7 +12,7 @@ import os
 import models
 from compression import quantization as q
 from experiments.data import load_task
-from experiments.runtime import evaluation, observe
+from experiments.runtime import evaluation, observe, selection
 from experiments.runtime.config_validation import ConfigError
 from experiments.techniques import qat
 
@@ -28,10 +28,12 @@ def _require_model_dir(config) -> str:
 
 
 def task_for(config, model_dir: str):
-    """``config.task`` encoded for ``model_dir``'s tokenizer, at the length the model was trained with."""
+    """``config.task`` encoded for ``model_dir``'s tokenizer, at the length the model was trained with, with
+    the selection split the model was trained without (its ``extra.selection``)."""
     meta = models.read_meta(model_dir)["extra"]
     return load_task(config.task, config.data_dir, tokenizer=model_dir, max_length=meta.get("max_length", 128),
-                     synthetic_size=config.synthetic_size, seed=config.seed)
+                     synthetic_size=config.synthetic_size, seed=config.seed,
+                     selection=selection.task_arg_of_model(meta, model_dir))
 
 
 def prune(config, workdir: str) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 import models
 from compression.pruning import compaction, layerdrop
 from experiments.data import Split, TaskData, load_task
-from experiments.runtime import evaluation, loop, observe
+from experiments.runtime import evaluation, loop, observe, selection
 from experiments.runtime.config_validation import ConfigError
 from experiments.techniques.base import Run
 from models import hf
@@ -48,7 +48,7 @@ def _word_level_tokenizer(task_name: str, config, out_dir: str):
     from tokenizers import normalizers, pre_tokenizers
 
     probe = load_task(task_name, config.data_dir, word_vocab="build", max_length=config.max_length,
-                      seed=config.seed, synthetic_size=config.synthetic_size)
+                      seed=config.seed, synthetic_size=config.synthetic_size, selection=selection.task_arg(config))
     words = [u for u in probe.word_vocab.units[2:]]
     vocab = {tok: i for i, tok in enumerate(WORD_LEVEL_SPECIALS + tuple(words))}
     tok = tokenizers.Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
@@ -86,7 +86,7 @@ def _load_inputs(config, workdir: str) -> tuple[TaskData, str, int | None]:
         tokenizer = _word_level_tokenizer(config.task, config, tokenizer_dir)
         vocab_size = tokenizer.get_vocab_size()
     task = load_task(config.task, config.data_dir, tokenizer=tokenizer, max_length=config.max_length,
-                     seed=config.seed, synthetic_size=config.synthetic_size)
+                     seed=config.seed, synthetic_size=config.synthetic_size, selection=selection.task_arg(config))
     return task, tokenizer_dir, vocab_size
 
 

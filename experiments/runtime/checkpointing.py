@@ -124,7 +124,8 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def best_step(self) -> int | None:
-        """The kept checkpoint with the best ``best_metric`` (``None`` if none carries metrics)."""
+        """The kept checkpoint with the best ``best_metric``, the later one of a tie (``None`` if none carries
+        metrics)."""
         if not self.best_metric:
             return None
         scored = []
@@ -137,7 +138,8 @@ class Checkpointer:
                 scored.append((metrics[self.best_metric], step))
         if not scored:
             return None
-        return (max(scored) if self.best_mode == "max" else min(scored))[1]
+        sign = 1 if self.best_mode == "max" else -1  # a tie goes to the later step, in either mode
+        return max((sign * metric, step) for metric, step in scored)[1]
 
     def restore(self, step: int, template: PyTree) -> tuple[PyTree, dict]:
         """Restores ``step`` into the structure of ``template``; returns (tree, caller metadata).

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from experiments.data import TaskData, load_task
+from experiments.data import Split, TaskData, load_task
 from experiments.data.vocab import CharVocab, WordVocab
-from experiments.runtime import metrics, trainer
+from experiments.runtime import metrics, selection, trainer
 
 TRANSFORMER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TASK_KIND = {"bilstm": "sequence", "cnn_lstm": "token"}  # what the LSTM families predict (Transformer: its head)
@@ -108,14 +108,16 @@ def _vocab(model_dir: str, cls, file: str):
 
 
 def load_model_task(model_dir: str, task: str | None = None, data_dir: str | None = None, *,
-                    max_length: int | None = None, **task_kwargs):
+                    max_length: int | None = None, with_selection: bool = False, **task_kwargs):
     """``(model, config, params, task)`` of a model directory (``models.save``) of any family.
 
     The task is encoded as the model reads it: sub-words with the directory's tokenizer (Transformer), words
     with its ``word_vocab.json`` (BiLSTM) and, for the CNN-LSTM, ``max_chars_per_token`` characters per word with
     its ``char_vocab.json``. ``task``/``max_length`` default to the directory's ``extra.task``/``extra.max_length``
     (a Transformer's: else its position table); ``task_kwargs`` go to :func:`~experiments.data.load_task`
-    (``seed``, ``synthetic_size``, ``buckets``). Raises ``ValueError`` when the task does not fit the model.
+    (``seed``, ``synthetic_size``, ``buckets``). ``with_selection``: carve the selection split the model was
+    trained without (its ``extra.selection``; :mod:`experiments.runtime.selection`), for tools that choose.
+    Raises ``ValueError`` when the task does not fit the model.
     """
     extra = models.read_meta(model_dir).get("extra", {})
     name = task or extra.get("task")
@@ -132,6 +134,8 @@ def load_model_task(model_dir: str, task: str | None = None, data_dir: str | Non
         if cfg.family == "cnn_lstm":
             encoders.update(char_vocab=_vocab(model_dir, CharVocab, "char_vocab.json"),
                             max_word_chars=cfg.max_chars_per_token)
+    if with_selection:
+        task_kwargs["selection"] = selection.task_arg_of_model(extra, model_dir)
     data = load_task(name, data_dir, max_length=max_length, **encoders, **task_kwargs)
     kind = TASK_KIND.get(cfg.family, getattr(cfg, "head", None))
     if data.kind != kind:
@@ -167,10 +171,10 @@ def _eval_logits(apply_fn: Callable, variables: dict, batch: dict) -> jax.Array:
 
 
 def dev_logits(apply_fn: Callable, variables: dict, task: TaskData, inputs: tuple[str, ...],
-               batch_size: int = 64) -> Iterator[tuple[np.ndarray, dict]]:
-    """Yields ``(logits float32 numpy [B, C] or [B, S, C], batch)`` over the dev split in order (eval mode;
-    the last batch is padded with rows of weight 0)."""
-    for batch in task.dev.batches(batch_size, shuffle=False, drop_remainder=False):
+               batch_size: int = 64, split: Split | None = None) -> Iterator[tuple[np.ndarray, dict]]:
+    """Yields ``(logits float32 numpy [B, C] or [B, S, C], batch)`` over the dev split (or ``split``, e.g.
+    ``task.selection``) in order (eval mode; the last batch is padded with rows of weight 0)."""
+    for batch in (task.dev if split is None else split).batches(batch_size, shuffle=False, drop_remainder=False):
         yield np.asarray(_eval_logits(apply_fn, variables, {k: batch[k] for k in inputs})), batch
 
 
@@ -224,12 +228,14 @@ class Predictions:
 
 
 def dev_predictions(apply_fn: Callable, variables: dict, task: TaskData, inputs: tuple[str, ...],
-                    batch_size: int = 64, keep_logits: bool = False) -> Predictions:
-    """:class:`Predictions` of ``apply_fn`` with ``variables`` over the dev split (see :func:`dev_logits`)."""
-    return Predictions.collect(dev_logits(apply_fn, variables, task, inputs, batch_size), keep_logits)
+                    batch_size: int = 64, keep_logits: bool = False, split: Split | None = None) -> Predictions:
+    """:class:`Predictions` of ``apply_fn`` with ``variables`` over the dev split or ``split`` (see
+    :func:`dev_logits`)."""
+    return Predictions.collect(dev_logits(apply_fn, variables, task, inputs, batch_size, split), keep_logits)
 
 
 def dev_metrics(apply_fn: Callable, variables: dict, task: TaskData, inputs: tuple[str, ...],
-                batch_size: int = 64) -> dict[str, float]:
-    """The task's dev metrics of ``apply_fn`` with ``variables`` (see the module docstring)."""
-    return dev_predictions(apply_fn, variables, task, inputs, batch_size).metrics(task)
+                batch_size: int = 64, split: Split | None = None) -> dict[str, float]:
+    """The task's metrics of ``apply_fn`` with ``variables`` on the dev split or ``split`` (see the module
+    docstring)."""
+    return dev_predictions(apply_fn, variables, task, inputs, batch_size, split=split).metrics(task)

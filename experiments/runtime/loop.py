@@ -43,6 +43,9 @@ class LoopSettings:
 
     ``best_metric``: the eval metric whose best checkpoint is kept (None: none is kept); the best evaluation
     reported is by ``best_metric``, else ``headline_metric``, else the evaluation's first metric.
+    ``choice_prefix``: the prefix of the evaluation's keys measured on the split choices are made on
+    (``"selection/"``, :mod:`experiments.runtime.selection`; ``""``: choose on dev): the best checkpoint is the
+    best of ``choice_prefix + best_metric``.
     ``minimum_loss_scale``: with dynamic loss scaling, a skipped step at this scale stops the run.
     """
 
@@ -59,6 +62,7 @@ class LoopSettings:
     export: str = "best"
     progress_bar: str = "auto"
     minimum_loss_scale: float = 1.0
+    choice_prefix: str = ""
 
     @classmethod
     def from_config(cls, config, *, total_steps: int, steps_per_epoch: int, headline_metric: str | None,
@@ -160,11 +164,11 @@ def _summarize(fetched: list[tuple[int, dict]]) -> dict[str, float]:
 
 
 def evaluate(par: DataParallel, eval_step, dstate, task: TaskData, batch_size: int,
-             inputs: tuple[str, ...]) -> dict[str, float]:
-    """Runs the compiled ``eval_step`` over the dev split, feeding the batch keys ``inputs``; returns the
-    task's metrics and ``loss`` (global over all hosts)."""
+             inputs: tuple[str, ...], split=None) -> dict[str, float]:
+    """Runs the compiled ``eval_step`` over the dev split (or ``split``, e.g. ``task.selection``), feeding the
+    batch keys ``inputs``; returns the task's metrics and ``loss`` (global over all hosts)."""
     preds, labels, weights, loss_sum, weight_sum = [], [], [], 0.0, 0.0
-    for batch in task.dev.batches(batch_size, shuffle=False, drop_remainder=False,
+    for batch in (task.dev if split is None else split).batches(batch_size, shuffle=False, drop_remainder=False,
                                   process_index=jax.process_index(), process_count=jax.process_count()):
         out = par.unreplicate(eval_step(dstate, par.shard_batch({k: batch[k] for k in inputs})))
         preds.append(out["predictions"])
@@ -206,7 +210,8 @@ def fit(workdir: str, *, par: DataParallel, state: TrainState, train_step: Calla
         (:func:`experiments.runtime.trainer.make_train_step`).
       settings: cadence and checkpoint policy.
       train_batches: ``(epoch, start_batch) -> iterator`` of this host's global-batch rows, as fed to the step.
-      evaluate: ``device_state -> metrics`` on the dev set (called on every host; metrics are global).
+      evaluate: ``device_state -> metrics`` on the dev set, and on the selection split under
+        ``settings.choice_prefix`` (called on every host; metrics are global).
       extra_overview: text logged at start besides the parameter overview.
       fingerprint: JSON-able dict of what determines the trajectory (e.g.
         :func:`experiments.runtime.fingerprint.config_fingerprint` of the job config), stored with every
@@ -221,7 +226,8 @@ def fit(workdir: str, *, par: DataParallel, state: TrainState, train_step: Calla
     s = settings
     start_time = time.time()
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    ckpt = checkpointing.Checkpointer(ckpt_dir, keep=s.keep, best_metric=s.best_metric, best_mode=s.best_mode,
+    best_key = s.best_metric and s.choice_prefix + s.best_metric
+    ckpt = checkpointing.Checkpointer(ckpt_dir, keep=s.keep, best_metric=best_key, best_mode=s.best_mode,
                                       async_save=s.async_save)
     restored = ckpt.restore_latest(state)
     run_fingerprint = None if fingerprint is None else fingerprints.normalize(fingerprint)
@@ -285,9 +291,10 @@ def fit(workdir: str, *, par: DataParallel, state: TrainState, train_step: Calla
                             logging.info("eval at step %d: %s", step,
                                          "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                         final = dict(eval_metrics, step=step)
-                        key = s.best_metric or s.headline_metric or next(iter(eval_metrics))
-                        better = (not best or (eval_metrics[key] > best[key] if s.best_mode == "max"
-                                               else eval_metrics[key] < best[key]))
+                        key = s.choice_prefix + (s.best_metric or s.headline_metric or next(iter(eval_metrics)))
+                        # a tie goes to the later step, as Checkpointer.best_step (and Orbax's best-n policy) do
+                        better = (not best or (eval_metrics[key] >= best[key] if s.best_mode == "max"
+                                               else eval_metrics[key] <= best[key]))
                         if better:
                             best = dict(final)
                     if do_save or stop_now:

@@ -1,11 +1,14 @@
 """Head pruning of a fine-tuned Transformer (Michel et al. 2019) and compaction into a smaller model directory.
 
 ``head_pruning_curve`` estimates head importance (|dL/d mask| summed over importance batches drawn from the
-training split, never the dev set it is judged on), removes the least important ``step`` fraction of all heads,
-re-estimates, and records the dev metric after every round: the metric-vs-heads-pruned curve.
-``prune_and_compact`` then takes the most heads whose dev metric stays within ``max_drop`` points of the
-unpruned model, or the curve point nearest a target (``target_fraction`` of all heads, or ``target_heads``),
-and compacts the model so the pruning gives real speed.
+training split), removes the least important ``step`` fraction of all heads, re-estimates, and records the
+metric after every round on the selection split (the held-out rows of train the model was trained without,
+as its ``extra.selection`` records; :mod:`experiments.runtime.selection`), and the dev metric beside it: the
+metric-vs-heads-pruned curve. ``prune_and_compact`` then takes the most heads whose *selection* metric stays
+within ``max_drop`` points of the unpruned model's, or the curve point nearest a target (``target_fraction`` of
+all heads, or ``target_heads``), and compacts the model so the pruning gives real speed; the compacted model's
+dev metrics are what it reports, from data that took no part in the choice. A model that records no held-out
+split (trained on all of train) is chosen on dev, with a warning, as before.
 
 The curve's points lie ``round(step x all heads)`` heads apart, up to ``floor(max_fraction x all heads)``
 (:func:`planned_grid`): with 72 heads and ``step=0.1`` they are 0, 7, 14, 21, 28, ... heads, so
@@ -45,7 +48,7 @@ from compression.pruning import compaction, head_importance
 from compression.pruning.head_importance import PruningStep
 from compression.pruning.site_masks import MASKS, site_masks, unflatten
 from experiments.data import TaskData, load_task
-from experiments.runtime import evaluation, observe, trainer
+from experiments.runtime import evaluation, observe, selection, trainer
 from experiments.tools import cli
 
 INPUTS = evaluation.TRANSFORMER_INPUTS
@@ -64,7 +67,7 @@ def head_pruning_curve(model, params, task: TaskData, *, importance_examples: in
     """The iterative pruning curve; returns ``(curve, apply_fn, variables)`` (see the module docstring).
 
     ``curve``: list of :class:`compression.pruning.head_importance.PruningStep` (fraction 0 first) whose
-    ``metric`` is the task's first metric on the dev set.
+    ``metric`` is the task's first metric on ``task.choice_split`` (the selection split, else dev).
     """
     if task.kind != "sequence":
         raise ValueError("head pruning here scores sequence classifiers; token tasks are not wired in")
@@ -83,7 +86,7 @@ def head_pruning_curve(model, params, task: TaskData, *, importance_examples: in
             yield {k: b[k] for k in INPUTS + ("labels",)}
 
     def metric_fn(v):
-        return evaluation.dev_metrics(apply_fn, v, task, INPUTS, batch_size)[metric_name]
+        return evaluation.dev_metrics(apply_fn, v, task, INPUTS, batch_size, split=task.choice_split)[metric_name]
 
     curve = head_importance.iterative_head_pruning(loss_fn, metric_fn, variables, batches, fraction_per_round=step,
                                                    max_fraction=max_fraction)
@@ -173,7 +176,7 @@ def curve_fingerprint(model_dir: str, task: TaskData, **curve_kwargs) -> str:
         h.update(f.read())
     stat = os.stat(os.path.join(model_dir, models.io.PARAMS_FILE))
     h.update(f"{stat.st_size}:{stat.st_mtime_ns}:{task.name}".encode())
-    for split in (task.train, task.dev):
+    for split in (task.train, task.dev, task.choice_split):
         h.update(np.asarray(split.labels).tobytes())
         for key in sorted(split.features.ragged):
             h.update(key.encode())
@@ -182,21 +185,31 @@ def curve_fingerprint(model_dir: str, task: TaskData, **curve_kwargs) -> str:
     return h.hexdigest()
 
 
-def save_curve(out_dir: str, curve: list[PruningStep], fingerprint: str, metric_name: str) -> None:
-    """``OUT_DIR/curve.json`` (atomically; every point with its masks) and the plot ``OUT_DIR/curve.png``."""
-    os.makedirs(out_dir, exist_ok=True)
-    payload = {"fingerprint": fingerprint, "metric": metric_name,
+def dev_curve(model, params, task: TaskData, curve: list[PruningStep], batch_size: int = 64) -> list[float]:
+    """The task's first metric on dev at every point of ``curve`` (the model with that point's masks)."""
+    first = next(task.dev.batches(batch_size))
+    apply_fn, variables = masked_model(model, params, {k: jnp.asarray(first[k][:1]) for k in INPUTS})
+    name = task.metric_names[0]
+    return [evaluation.dev_metrics(apply_fn, {**variables, MASKS: unflatten(p.masks)}, task, INPUTS,
+                                   batch_size)[name] for p in curve]
+
+
+def save_curve(out_dir: str, curve: list[PruningStep], dev: list[float], fingerprint: str, metric_name: str,
+               chosen_on: str) -> None:
+    """``OUT_DIR/curve.json`` (atomically; every point with its masks, its metric on the ``chosen_on`` split and
+    on dev) and the plot ``OUT_DIR/curve.png``."""
+    payload = {"fingerprint": fingerprint, "metric": metric_name, "chosen_on": chosen_on,
                "points": [{"fraction_pruned": p.fraction_pruned, "heads_pruned": p.heads_pruned, "metric": p.metric,
-                           "masks": {k: np.asarray(m).tolist() for k, m in p.masks.items()}} for p in curve]}
-    path = os.path.join(out_dir, "curve.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f)
-    os.replace(path + ".tmp", path)
-    _plot_curve(curve, metric_name, os.path.join(out_dir, "curve.png"))
+                           "dev_metric": d, "masks": {k: np.asarray(m).tolist() for k, m in p.masks.items()}}
+                          for p, d in zip(curve, dev, strict=True)]}
+    os.makedirs(out_dir, exist_ok=True)
+    observe.write_json(os.path.join(out_dir, "curve.json"), payload)
+    _plot_curve(curve, dev, metric_name, chosen_on, os.path.join(out_dir, "curve.png"))
 
 
-def load_curve(out_dir: str, fingerprint: str) -> list[PruningStep] | None:
-    """The curve :func:`save_curve` wrote into ``out_dir`` if its fingerprint is ``fingerprint``, else None."""
+def load_curve(out_dir: str, fingerprint: str) -> tuple[list[PruningStep], list[float]] | None:
+    """``(curve, dev metrics)`` as :func:`save_curve` wrote them into ``out_dir`` if its fingerprint is
+    ``fingerprint``, else None."""
     path = os.path.join(out_dir, "curve.json")
     if not os.path.isfile(path):
         return None
@@ -205,37 +218,46 @@ def load_curve(out_dir: str, fingerprint: str) -> list[PruningStep] | None:
     if payload.get("fingerprint") != fingerprint:
         logging.info("%s was computed for another model, data or curve flags: recomputing", path)
         return None
-    return [PruningStep(p["fraction_pruned"], p["heads_pruned"], p["metric"],
-                        {k: np.asarray(m, np.float32) for k, m in p["masks"].items()}) for p in payload["points"]]
+    points = payload["points"]
+    return ([PruningStep(p["fraction_pruned"], p["heads_pruned"], p["metric"],
+                         {k: np.asarray(m, np.float32) for k, m in p["masks"].items()}) for p in points],
+            [p["dev_metric"] for p in points])
 
 
-def _plot_curve(curve: list[PruningStep], metric_name: str, path: str) -> None:
+def _plot_curve(curve: list[PruningStep], dev: list[float], metric_name: str, chosen_on: str, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p.heads_pruned for p in curve], [p.metric for p in curve], "o-")
+    heads = [p.heads_pruned for p in curve]
+    if chosen_on != "dev":
+        ax.plot(heads, [p.metric for p in curve], "s--", label=f"{chosen_on} (the choice)")
+    ax.plot(heads, dev, "o-", label="dev (reported)")
+    ax.legend()
     ax.set_xlabel("heads pruned")
-    ax.set_ylabel(f"dev {metric_name}")
+    ax.set_ylabel(metric_name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def pruning_curve(model_dir: str, task: TaskData, out_dir: str, **curve_kwargs) -> list[PruningStep]:
-    """The curve of ``model_dir`` on ``task``: reused from ``out_dir`` when computed there for the same inputs,
-    else computed and saved there at once (see the module docstring)."""
+def pruning_curve(model_dir: str, task: TaskData, out_dir: str,
+                  **curve_kwargs) -> tuple[list[PruningStep], list[float]]:
+    """``(curve, its dev metrics)`` of ``model_dir`` on ``task``: reused from ``out_dir`` when computed there for
+    the same inputs, else computed and saved there at once (see the module docstring)."""
     key = curve_fingerprint(model_dir, task, **curve_kwargs)
-    curve = load_curve(out_dir, key)
-    if curve is not None:
+    cached = load_curve(out_dir, key)
+    if cached is not None:
         logging.info("reusing the pruning curve in %s", os.path.join(out_dir, "curve.json"))
-        return curve
+        return cached
     model, _, params = models.load(model_dir)
     curve, _, _ = head_pruning_curve(model, params, task, **curve_kwargs)
-    save_curve(out_dir, curve, key, task.metric_names[0])
-    return curve
+    dev = ([p.metric for p in curve] if task.selection is None else
+           dev_curve(model, params, task, curve, curve_kwargs.get("batch_size", CURVE_DEFAULTS["batch_size"])))
+    save_curve(out_dir, curve, dev, key, task.metric_names[0], selection.record(task)["split"])
+    return curve, dev
 
 
 def prune_and_compact(model_dir: str, task: TaskData, out_dir: str, *, max_drop: float | None = 1.0,
@@ -252,7 +274,7 @@ def prune_and_compact(model_dir: str, task: TaskData, out_dir: str, *, max_drop:
     if targeted:
         logging.info("curve points (heads pruned of %d): %s", total,
                      planned_grid(total, shape["step"], shape["max_fraction"]))
-    curve = pruning_curve(model_dir, task, out_dir, **curve_kwargs)
+    curve, dev = pruning_curve(model_dir, task, out_dir, **curve_kwargs)
     chosen = choose(curve, max_drop=None if targeted else max_drop, target_fraction=target_fraction,
                     target_heads=target_heads)
     target = describe_choice(chosen, total, target_fraction=target_fraction,
@@ -262,14 +284,21 @@ def prune_and_compact(model_dir: str, task: TaskData, out_dir: str, *, max_drop:
     _, config, params = models.load(model_dir)
     meta = models.read_meta(model_dir)["extra"]
     new_cfg, new_params = compact_heads(config, params, chosen.masks)
-    metric_name = task.metric_names[0]
+    metric_name, chosen_on = task.metric_names[0], selection.record(task)["split"]
+    on_choice = selection.PREFIX + metric_name  # the metric on the selection split (absent when choosing on dev)
+
+    def point(metric_on_choice: float, dev_metric: float) -> dict:
+        return {metric_name: dev_metric, **({on_choice: metric_on_choice} if chosen_on != "dev" else {})}
+
     compacted = evaluation.dev_metrics(models.model_class("transformer")(new_cfg).apply, {"params": new_params}, task,
                                        INPUTS)
     results = {
-        "curve": [{"fraction_pruned": p.fraction_pruned, "heads_pruned": p.heads_pruned, metric_name: p.metric}
-                  for p in curve],
+        "curve": [{"fraction_pruned": p.fraction_pruned, "heads_pruned": p.heads_pruned,
+                   **point(p.metric, d)} for p, d in zip(curve, dev)],
+        "selection": selection.record(task),
         "chosen": {"fraction_pruned": chosen.fraction_pruned, "heads_pruned": chosen.heads_pruned,
-                   metric_name: chosen.metric, "masks": {p: np.asarray(m).tolist() for p, m in chosen.masks.items()},
+                   **point(chosen.metric, next(d for p, d in zip(curve, dev) if p is chosen)),
+                   "masks": {p: np.asarray(m).tolist() for p, m in chosen.masks.items()},
                    "rule": {"max_drop": max_drop} if target is None else {"target": target}},
         "final": compacted, "best": compacted, "heads_per_layer": [new_cfg.heads(i) for i in range(new_cfg.num_layers)],
         "total_heads": total, "source_model": model_dir, "task": task.name,
@@ -291,7 +320,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("task", None, "task name (default: the model's own task)", flag_values=fv)
     flags.DEFINE_string("data_dir", None, "the task's data folder", flag_values=fv)
     flags.DEFINE_string("out_dir", None, "where the pruned model, results.json and the curve go", flag_values=fv)
-    flags.DEFINE_float("max_drop", 1.0, "largest allowed drop of the dev metric, in points", lower_bound=0.0,
+    flags.DEFINE_float("max_drop", 1.0, "largest allowed drop of the metric on the selection split (the model's "
+                       "held-out train rows; dev for a model that holds none out), in points", lower_bound=0.0,
                        flag_values=fv)
     flags.DEFINE_float("target_fraction", None, "prune the curve point nearest this fraction of all heads instead",
                        flag_values=fv)
@@ -331,15 +361,17 @@ def run(fv: flags.FlagValues) -> dict:
     if not (fv.task or meta.get("task")):
         raise app.UsageError(f"{fv.model_dir} records no task: pass --task")
     task = load_task(fv.task or meta["task"], fv.data_dir, tokenizer=fv.model_dir,
-                     max_length=meta.get("max_length", 128))
+                     max_length=meta.get("max_length", 128),
+                     selection=selection.task_arg_of_model(meta, fv.model_dir))
     results = prune_and_compact(fv.model_dir, task, fv.out_dir, max_drop=fv.max_drop,
                                 target_fraction=fv.target_fraction, target_heads=fv.target_heads, step=fv.step,
                                 max_fraction=fv.max_fraction, importance_examples=fv.importance_examples,
                                 batch_size=fv.batch_size, seed=fv.seed)
     name = task.metric_names[0]
     for p in results["curve"]:
-        logging.info("heads pruned %5.1f%% (%3d): %s %.4f", 100 * p["fraction_pruned"], p["heads_pruned"], name,
-                     p[name])
+        on_choice = p.get(selection.PREFIX + name)
+        logging.info("heads pruned %5.1f%% (%3d): dev %s %.4f%s", 100 * p["fraction_pruned"], p["heads_pruned"],
+                     name, p[name], "" if on_choice is None else f" (selection split {on_choice:.4f})")
     print(json.dumps({"chosen": {k: v for k, v in results["chosen"].items() if k != "masks"},
                       "compacted": results["final"]}, indent=2))
     return results

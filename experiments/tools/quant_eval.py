@@ -18,7 +18,10 @@ inputs of the first ``--calib_examples`` examples (rounded to whole batches) of 
   calibrated by that calibrator; all calibrators from one statistics collection
   (:func:`compression.quantization.post_training_variants`);
 * ``int8:<calibrator>``: the same variables converted to int8 kernels and run with int8 x int8 -> int32 matmuls
-  (:func:`compression.quantization.int8`), for ``--int8_calibrator`` (default: the best PTQ row on dev).
+  (:func:`compression.quantization.int8`), for ``--int8_calibrator`` (default: the PTQ calibrator whose
+  simulated int8 scores best on the selection split, the held-out train rows the model was trained without as
+  its ``extra.selection`` records, :mod:`experiments.runtime.selection`; on dev, with a warning, for a model
+  that holds none out). ``choice`` in the JSON gives every calibrator's selection-split metric and the pick.
   ``agreement_with_ptq`` is the share of dev predictions equal to the simulation it was converted from (the
   int8 Dense computes what the fake-quantized Dense computes, to the bit, so 1.0 is expected in every family);
 * ``qat`` and ``qat:int8`` (with ``--qat_model_dir``): a model directory trained with quantization-aware training
@@ -67,7 +70,7 @@ from compression.quantization.int8 import runs_in_int8
 from compression.quantization.rules import trace_targets
 from experiments.benchmarks import common
 from experiments.data import TaskData
-from experiments.runtime import evaluation
+from experiments.runtime import evaluation, selection
 from experiments.techniques import qat
 from experiments.techniques.qat import QUANT_STATE_FILE
 from experiments.tools import cli
@@ -166,14 +169,26 @@ def evaluate_quantized(model, params, task: TaskData, calibrators: Sequence[str]
     n_calib = sum(len(b[inputs[0]]) for b in calib)
     for name, variables in variants.items():
         add(f"ptq:{name}", fake, variables, True, calib_examples=n_calib, calib_seconds=calib_seconds)
+    choice = None
     if int8_calibrator is None:
-        int8_calibrator = max(calibrators, key=lambda c: next(r[key] for r in rows if r["variant"] == f"ptq:{c}"))
+        int8_calibrator, choice = choose_calibrator(fake, variants, task, inputs, batch_size)
     add_int8(f"int8:{int8_calibrator}", variants[int8_calibrator], f"ptq:{int8_calibrator}")
     if qat is not None:
         qat_variables = {"params": qat[0], q.QUANT: qat[1]}
         add("qat", fake, qat_variables, True)
         add_int8("qat:int8", qat_variables, "qat")
-    return {"modules": modules, "rows": rows}
+    return {"modules": modules, "rows": rows, "choice": choice}
+
+
+def choose_calibrator(fake_apply, variants: Mapping[str, dict], task: TaskData, inputs: Sequence[str],
+                      batch_size: int) -> tuple[str, dict]:
+    """``(calibrator, record)``: the calibrator whose fake-quantized model scores best (first metric; the first
+    listed wins a tie) on ``task.choice_split``; ``record`` gives the split and every calibrator's score."""
+    key = task.metric_names[0]
+    scores = {name: evaluation.dev_metrics(fake_apply, variables, task, inputs, batch_size,
+                                           split=task.choice_split)[key] for name, variables in variants.items()}
+    best = max(scores, key=scores.get)
+    return best, {**selection.record(task), "metric": key, "scores": scores, "chosen": best}
 
 
 FLAGS = flags.FLAGS
@@ -189,7 +204,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("calib_examples", 512, "calibration examples of the train split", lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "calibration and dev batch size", lower_bound=1, flag_values=fv)
-    flags.DEFINE_string("int8_calibrator", None, "default: the best PTQ calibrator on dev", flag_values=fv)
+    flags.DEFINE_string("int8_calibrator", None, "default: the best PTQ calibrator on the selection split (the "
+                        "model's held-out train rows; dev for a model that holds none out)", flag_values=fv)
     flags.DEFINE_string("qat_model_dir", None, "a QAT model directory trained from --model_dir, with "
                         "quant_state.npz: adds the qat and qat:int8 rows", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed of the calibration shuffle", lower_bound=0, flag_values=fv)
@@ -210,7 +226,7 @@ def run(fv: flags.FlagValues) -> dict:
     """The command line's work on parsed flags ``fv`` (:func:`define_flags`); returns the JSON payload."""
     model, cfg, params, task = evaluation.load_model_task(fv.model_dir, fv.task, fv.data_dir,
                                                           max_length=fv.max_length, seed=fv.seed,
-                                                          synthetic_size=fv.synthetic_size)
+                                                          synthetic_size=fv.synthetic_size, with_selection=True)
     qat = load_qat(fv.qat_model_dir, fv.model_dir, params) if fv.qat_model_dir else None
     result = evaluate_quantized(model, params, task, fv.calibrators, calib_examples=fv.calib_examples,
                                 batch_size=fv.batch_size, int8_calibrator=fv.int8_calibrator, seed=fv.seed, qat=qat)
@@ -222,6 +238,10 @@ def run(fv: flags.FlagValues) -> dict:
                               "int8_modules", "dev_seconds"],
                        f"{task.name} dev ({len(task.dev)} examples), {cfg.family}: float32, int8 PTQ, real int8"
                        + (", QAT" if qat else ""))
+    if result["choice"]:
+        c = result["choice"]
+        print(f"int8 calibrator chosen on the {c['split']} split ({c['examples']} examples): {c['chosen']} "
+              f"({', '.join(f'{k} {v:.4f}' for k, v in c['scores'].items())})")
     payload = {"model_dir": fv.model_dir, "qat_model_dir": fv.qat_model_dir, "family": cfg.family,
                "task": task.name, "dev_examples": len(task.dev), **result}
     common.write_json(fv.out, payload)

@@ -49,17 +49,6 @@ VARIANTS = {
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "ynn_off": "--xla_cpu_experimental_ynn_fusion_type=",
 }
-INT8_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
-
-
-def cpu_int8_isa() -> list[str]:
-    """Which of :data:`INT8_ISA_FLAGS` the CPU reports (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return [f for f in INT8_ISA_FLAGS if f in flags]
 
 
 def _torch_candidates(cfg: TransformerConfig, ids: np.ndarray, mask: np.ndarray) -> dict:
@@ -123,7 +112,7 @@ def measure(batch: int, seq: int, rounds: int, with_torch: bool) -> dict:
            "speedup": med["float32"] / med["int8"], "tokens_per_s_float32": batch * seq / med["float32"],
            "tokens_per_s_int8": batch * seq / med["int8"], "ffn_gemm_speedup": med["gemm_float32"] / med["gemm_int8"],
            "int8_vs_fake_quant_max_abs_diff": drift, "int8_vs_fake_quant_rel_diff": drift / max(scale, 1e-30),
-           "cpu_int8_isa": cpu_int8_isa(), "times_s": times}
+           "cpu_int8_isa": common.cpu_isa(), "times_s": times}
     if "torch_int8_dynamic" in med:
         out["torch_float32_ms"] = 1e3 * med["torch_float32"]
         out["torch_int8_dynamic_ms"] = 1e3 * med["torch_int8_dynamic"]

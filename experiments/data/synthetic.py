@@ -7,6 +7,11 @@ take:
 * ``sentiment``: "the plot was not very clever , overall" -- the label is the adjective's polarity,
   flipped by a negation word; half the examples of each label are negated, so the adjective alone is at
   chance. Labels are exactly balanced.
+* ``graded_sentiment``: the same vocabulary in constructions of graded difficulty, for a demo whose models
+  differ the way they do on real data: plain and negated clauses, "far from" / "anything but", contrast
+  ("X but Y", "although X , Y": the main clause decides), claims that negate a whole clause ("it is not true
+  that ...", so a negated clause inside is a double negation), and :data:`GRADED_NOISE` of the labels flipped
+  at random in every split (so no model can be perfect). Labels balanced before the noise.
 * ``pairs``: paraphrase detection over (subject, verb, object) facts; the second sentence restates the
   fact with a synonym verb and another frame (label ``paraphrase``) or changes one slot or swaps subject
   and object (label ``different``), so word overlap alone does not decide. Labels exactly balanced.
@@ -31,6 +36,11 @@ INTENSIFIERS = ("", "very", "really", "truly", "quite")
 SENTIMENT_FRAMES = ("{clause}", "i think {clause}", "{clause} , overall", "honestly , {clause}",
                     "{clause} from start to finish")
 SENTIMENT_LABELS = ("negative", "positive")
+FLIPPERS = ("far from", "anything but")  # intensity phrases that reverse the adjective
+CLAIMS = ("it is not true that {clause}", "nobody would say {clause}", "i would never claim {clause}")
+CONTRASTS = ("{first} but {second}", "although {first} , {second}", "{first} , however {second}")
+GRADED_MIX = {"plain": 0.2, "negated": 0.2, "flipper": 0.1, "contrast": 0.25, "claim": 0.25}
+GRADED_NOISE = 0.04  # share of labels flipped at random
 
 PEOPLE = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy")
 VERBS = {  # meaning -> surface forms
@@ -89,6 +99,41 @@ def sentiment(size: int, seed: int, split: int = 0) -> RawSplit:
         labels.append(SENTIMENT_LABELS[label])
     order = rng.permutation(size)
     return RawSplit(f"synthetic(seed={seed}, split={split})", [labels[i] for i in order],
+                    [int(i) + 1 for i in order], texts=[texts[i] for i in order])
+
+
+def _clause(rng, polarity: int, negate: bool | None = None) -> str:
+    """A clause of ``polarity`` (1 positive): subject, copula, an optional negation, an adjective."""
+    negated = bool(rng.integers(2)) if negate is None else negate
+    adjective = _choice(rng, POSITIVE if polarity ^ negated else NEGATIVE)
+    words = [_choice(rng, SUBJECTS), _choice(rng, COPULAS)] + ([_choice(rng, NEGATIONS)] if negated else [])
+    return " ".join(w for w in words + [_choice(rng, INTENSIFIERS), adjective] if w)
+
+
+def graded_sentiment(size: int, seed: int, split: int = 0) -> RawSplit:
+    """``size`` single sentences of the constructions in :data:`GRADED_MIX` (see the module docstring); the
+    label is the polarity of the whole sentence, then :data:`GRADED_NOISE` of the labels are flipped."""
+    rng = _rng(seed, split)
+    kinds, weights = tuple(GRADED_MIX), np.array(tuple(GRADED_MIX.values()))
+    texts, labels = [], []
+    for i in range(size):
+        label = i % 2
+        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+        if kind == "plain":
+            text = _clause(rng, label, negate=False)
+        elif kind == "negated":
+            text = _clause(rng, label, negate=True)
+        elif kind == "flipper":
+            text = f"{_choice(rng, SUBJECTS)} {_choice(rng, COPULAS)} {_choice(rng, FLIPPERS)} " + _choice(
+                rng, NEGATIVE if label else POSITIVE)
+        elif kind == "contrast":  # the second (main) clause decides; the first has the other polarity
+            text = _choice(rng, CONTRASTS).format(first=_clause(rng, 1 - label), second=_clause(rng, label))
+        else:  # a claim negates its clause: a negated clause inside is a double negation
+            text = _choice(rng, CLAIMS).format(clause=_clause(rng, 1 - label))
+        texts.append(_choice(rng, SENTIMENT_FRAMES[:3]).format(clause=text) if kind != "contrast" else text)
+        labels.append(label ^ int(rng.random() < GRADED_NOISE))
+    order = rng.permutation(size)
+    return RawSplit(f"synthetic_graded(seed={seed}, split={split})", [SENTIMENT_LABELS[labels[i]] for i in order],
                     [int(i) + 1 for i in order], texts=[texts[i] for i in order])
 
 

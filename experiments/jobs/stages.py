@@ -100,9 +100,24 @@ def export(config, workdir: str) -> dict:
         wanted = precisions + (["int8"] if quant_state is not None else [])
         report = export_tool.export_model_dir(model_dir, os.path.join(workdir, name), wanted, quant_state=quant_state,
                                               overwrite=True)
-        results["models"][name] = {f: {"max_abs_diff": max(c["max_abs_diff"] for c in r["comparisons"]),
-                                       "bound": max(c["bound"] for c in r["comparisons"]),
-                                       "op_counts": r["op_counts"]}
-                                   for f, r in report["files"].items()}
+        files = {f: {"max_abs_diff": max(c["max_abs_diff"] for c in r["comparisons"]),
+                     "bound": max(c["bound"] for c in r["comparisons"]), "op_counts": r["op_counts"],
+                     "precision": f.removeprefix("model_").removesuffix(".onnx"),
+                     "size_mb": os.path.getsize(os.path.join(workdir, name, f)) / 2 ** 20}
+                 for f, r in report["files"].items()}
+        if config.evaluate:
+            _score_onnx_files(config, model_dir, os.path.join(workdir, name), files)
+        results["models"][name] = {"model_dir": model_dir, "files": files}
     _write_results(workdir, results)
     return results
+
+
+def _score_onnx_files(config, model_dir: str, out_dir: str, files: dict) -> None:
+    """Adds ``metrics`` (the task's, on dev, in onnxruntime) to each entry of ``files``."""
+    from experiments.tools.export_eval import onnx_logits
+    _, cfg, _, task = evaluation.load_model_task(model_dir, data_dir=config.data_dir,
+                                                 synthetic_size=config.synthetic_size, seed=config.seed)
+    inputs = evaluation.model_inputs(task, cfg.family)
+    for f, entry in files.items():
+        preds = evaluation.Predictions.collect(onnx_logits(os.path.join(out_dir, f), task, 32, inputs))
+        entry["metrics"] = preds.metrics(task)

@@ -37,14 +37,16 @@ from experiments.tools.export import export_model_dir
 INPUTS = evaluation.TRANSFORMER_INPUTS
 
 
-def _onnx_logits(path: str, task, batch_size: int):
+def onnx_logits(path: str, task, batch_size: int, inputs: Sequence[str] = INPUTS):
     """``(logits, batch)`` of an ONNX file in onnxruntime (CPU) over ``task.dev``, as
-    :func:`experiments.runtime.evaluation.dev_logits` yields them for the JAX model."""
+    :func:`experiments.runtime.evaluation.dev_logits` yields them for the JAX model; ``inputs``: the batch keys
+    the graph reads (:func:`experiments.runtime.evaluation.model_inputs` of its family)."""
     import onnxruntime as ort
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     out = [o.name for o in sess.get_outputs()].index("logits")
+    wanted = {i.name for i in sess.get_inputs()}
     for b in task.dev.batches(batch_size, shuffle=False, drop_remainder=False):
-        yield sess.run(None, {k: b[k] for k in INPUTS})[out], b
+        yield sess.run(None, {k: b[k] for k in inputs if k in wanted})[out], b
 
 
 def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: str,
@@ -88,7 +90,7 @@ def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: s
                    for name, (fn, v) in jax_models.items()}
     for p in precisions:
         predictions[f"onnx_{p}"] = evaluation.Predictions.collect(
-            _onnx_logits(os.path.join(out_dir, f"model_{p}.onnx"), data, batch_size))
+            onnx_logits(os.path.join(out_dir, f"model_{p}.onnx"), data, batch_size))
 
     rows = []
     for name, pred in predictions.items():

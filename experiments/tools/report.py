@@ -1,7 +1,8 @@
 """The compression report: every model of one or more runs, measured side by side.
 
-For each model directory (a stage's ``model/``) the report gives the task metric (from the stage's
-``results.json``), parameters, size on disk, FLOPs of one batch (XLA's cost analysis) and inference
+For each model directory (a stage's ``model/``) the report gives the task's dev metric (from the stage's
+``results.json``) and where the stage made its choices (``chosen on``: the held-out selection split or dev),
+parameters, size on disk, FLOPs of one batch (XLA's cost analysis) and inference
 throughput, measured in one process with the models' timed calls interleaved round by round (so machine
 noise hits all of them alike), and the throughput ratio against the reference model (the teacher). It writes
 ``report.md``, ``report.html``, ``report.json`` and two PNG plots: metric vs throughput (Pareto front,
@@ -18,6 +19,7 @@ checked before any model is loaded. Nothing is cached: the measurement is the po
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import json
@@ -47,9 +49,14 @@ class Entry:
     params: int
     size_mb: float
     variant: str = "float32"
+    chosen_on: str = "-"  # where the run chose what it reports (best step, pruning point): "holdout (N)" / "dev"
+    runtime: str = "jax"  # "jax" (XLA) or "onnxruntime" (an exported file, ``onnx_path``)
+    onnx_path: str | None = None
     apply: Callable | None = None
     variables: dict | None = None
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # at the report's batch x seq
+    latency_ms: float | None = None  # one call at the report's batch x seq
+    latency_b1_ms: float | None = None  # one call at batch 1 x seq
     gflops: float | None = None
     ratio: float | None = None
 
@@ -69,6 +76,14 @@ def _metric(results: dict, model_eval: dict | None = None) -> tuple[str | None, 
     return None, None
 
 
+def _chosen_on(results: dict, model_extra: dict) -> str:
+    """Where the stage made its choices (:mod:`experiments.runtime.selection`): "holdout (N)", "dev" or "-"."""
+    record = results.get("selection") or model_extra.get("selection")
+    if not record or "split" not in record:
+        return "-"
+    return f"holdout ({record['examples']})" if record["split"] == "holdout" else record["split"]
+
+
 def _stage_dirs_without_model(run: str) -> list[str]:
     """Stage folders of a recipe workdir with results.json but no model/ (quantize, export)."""
     if os.path.isdir(os.path.join(run, "model")):
@@ -83,7 +98,7 @@ def collect(run_dirs: list[str]) -> list[Entry]:
     entries = []
     for run in run_dirs:
         if os.path.isfile(os.path.join(run, "results.json")) and not os.path.isdir(os.path.join(run, "model")):
-            entries.extend(collect_variants(run, json.load(open(os.path.join(run, "results.json")))))
+            entries.extend(_stage_rows(run))
             continue
         if not os.path.isdir(run):
             raise FileNotFoundError(f"{run} is not a directory")
@@ -95,13 +110,42 @@ def collect(run_dirs: list[str]) -> list[Entry]:
             results_path = os.path.join(c, "results.json")
             results = json.load(open(results_path)) if os.path.exists(results_path) else {}
             model, cfg, params = models.load(os.path.join(c, "model"))
-            name, value = _metric(results, models.read_meta(os.path.join(c, "model")).get("extra", {}).get("eval"))
+            extra = models.read_meta(os.path.join(c, "model")).get("extra", {})
+            name, value = _metric(results, extra.get("eval"))
             entries.append(Entry(os.path.basename(os.path.normpath(c)), c, os.path.join(c, "model"), cfg.family,
                                  name, value, common.param_count(params), _dir_size_mb(os.path.join(c, "model")),
-                                 apply=model.apply, variables={"params": params}))
+                                 chosen_on=_chosen_on(results, extra), apply=model.apply,
+                                 variables={"params": params}))
         for c in _stage_dirs_without_model(run):
-            entries.extend(collect_variants(c, json.load(open(os.path.join(c, "results.json")))))
+            entries.extend(_stage_rows(c))
     return entries
+
+
+def _stage_rows(stage_dir: str) -> list[Entry]:
+    """The rows of a stage that saved no model: int8 variants (quantize) and ONNX files (export)."""
+    with open(os.path.join(stage_dir, "results.json")) as f:
+        results = json.load(f)
+    return collect_variants(stage_dir, results) + collect_onnx(stage_dir, results)
+
+
+def collect_onnx(run_dir: str, results: dict) -> list[Entry]:
+    """Rows of an export stage (``results["models"]``): every ONNX file, with the task metric it scored in
+    onnxruntime on dev (``config.evaluate``; None otherwise) and its size on disk."""
+    out = []
+    for name, record in results.get("models", {}).items():
+        meta = models.read_meta(record["model_dir"])
+        cfg = models.io.config_class(meta["family"]).from_dict(meta["config"])
+        params = common.param_count(models.load(record["model_dir"])[2])
+        for file, info in sorted(record["files"].items()):
+            metric_name, metric = _metric({"metric_names": meta.get("extra", {}).get("metric_names", [])},
+                                          info.get("metrics"))
+            path = os.path.join(run_dir, name, file)
+            out.append(Entry(f"{name} (onnx {info['precision']})", run_dir, record["model_dir"], cfg.family,
+                             metric_name, metric, params, os.path.getsize(path) / 2 ** 20,
+                             variant=info["precision"], chosen_on=_chosen_on({}, meta.get("extra", {})),
+                             runtime="onnxruntime", onnx_path=path))
+    return out
+
 
 
 def collect_variants(run_dir: str, results: dict) -> list[Entry]:
@@ -143,23 +187,51 @@ def _sample_batch(family: str, cfg, batch: int, seq: int) -> dict:
     return out
 
 
+def _forward(e: Entry) -> Callable:
+    """The entry's jitted eval-mode ``(variables, batch) -> logits``."""
+    def fwd(v, d):
+        extras = {k: x for k, x in v.items() if k != "params"}
+        return trainer.model_outputs(e.apply, v["params"], extras, d, train=False).logits
+    return jax.jit(fwd)
+
+
+def _jax_call(e: Entry, data: dict) -> Callable[[], object]:
+    fwd = _forward(e)
+    return lambda: fwd(e.variables, data)
+
+
+def _onnx_call(e: Entry, data: dict) -> Callable[[], object]:
+    import onnxruntime as ort
+    sess = ort.InferenceSession(e.onnx_path, providers=["CPUExecutionProvider"])
+    feed = {i.name: np.asarray(data[i.name]) for i in sess.get_inputs()}
+    return lambda: sess.run(None, feed)
+
+
 def measure(entries: list[Entry], *, batch: int = 32, seq: int = 128, rounds: int = 5) -> None:
-    """Fills ``tokens_per_s`` and ``gflops`` of every entry: one process, interleaved rounds."""
+    """Fills ``latency_ms``, ``tokens_per_s`` (batch x seq), ``latency_b1_ms`` (1 x seq) and, for JAX rows,
+    ``gflops`` of every entry: one process, every call of every row interleaved round by round."""
     fns = {}
     for e in entries:
         cfg = models.io.config_class(e.family).from_dict(models.read_meta(e.model_dir)["config"])
-        data = _sample_batch(e.family, cfg, batch, seq)
-        fwd = jax.jit(lambda v, d, e=e: trainer.model_outputs(e.apply, v["params"],
-                                                              {k: x for k, x in v.items() if k != "params"}, d,
-                                                              train=False).logits)
-        fns[e.name] = (lambda f=fwd, v=e.variables, d=data: f(v, d))
-        try:
-            e.gflops = common.compiled_flops(lambda v, d, f=fwd: f(v, d), e.variables, data) / 1e9
-        except Exception as err:  # cost analysis is best effort (some backends return none)
-            logging.warning("no FLOP count for %s: %s", e.name, err)
-    times = common.time_interleaved(fns, rounds=rounds, warmup=1)
+        for b in (batch, 1):
+            data = _sample_batch(e.family, cfg, b, seq)
+            fns[(e.name, b)] = _onnx_call(e, data) if e.runtime == "onnxruntime" else _jax_call(e, data)
+        if e.runtime == "jax":
+            try:
+                sample = _sample_batch(e.family, cfg, batch, seq)
+                e.gflops = common.compiled_flops(_forward(e), e.variables, sample) / 1e9
+            except Exception as err:  # cost analysis is best effort (some backends return none)
+                logging.warning("no FLOP count for %s: %s", e.name, err)
+    times = common.time_interleaved(fns, rounds=rounds, warmup=1, block=_block)
     for e in entries:
-        e.tokens_per_s = batch * seq / common.median(times[e.name])
+        e.latency_ms = 1e3 * common.median(times[(e.name, batch)])
+        e.latency_b1_ms = 1e3 * common.median(times[(e.name, 1)])
+        e.tokens_per_s = batch * seq / (e.latency_ms / 1e3)
+
+
+def _block(out):
+    """Waits for JAX results; onnxruntime returns numpy arrays, already there."""
+    return jax.block_until_ready(out) if not isinstance(out, list) else out
 
 
 def pareto(entries: list[Entry]) -> set[str]:
@@ -173,70 +245,190 @@ def pareto(entries: list[Entry]) -> set[str]:
     return front
 
 
-def _plots(entries: list[Entry], reference: Entry, out_dir: str, front: set[str]) -> list[str]:
+LABEL_OFFSETS = [(dx, dy) for r in (6, 14, 24, 36, 52, 72, 96, 124) for dx, dy in
+                 ((r, r), (r, -r), (-r, r), (-r, -r), (r, 0), (-r, 0), (0, r), (0, -r))]
+
+
+def text_box(ann, renderer):
+    """The display box of an annotation's text alone (``Annotation.get_window_extent`` adds its arrow)."""
+    from matplotlib import text as mtext
+    ann.update_positions(renderer)  # offset-points text is placed at draw time: place it now
+    return mtext.Text.get_window_extent(ann, renderer)
+
+
+def place_labels(ax, points: list[tuple[float, float]], texts: list[str], fontsize: float = 7) -> list:
+    """Annotates each point with its text where the text's box overlaps no other label and no marker and stays
+    inside the axes: candidate offsets (:data:`LABEL_OFFSETS`, nearest first) are tried in turn against the boxes
+    the renderer reports; a label placed away from its point gets a thin leader line. Returns the annotations."""
+    renderer = ax.figure.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    markers = [ax.transData.transform(p) for p in points]
+    placed, boxes = [], []
+
+    def free(box) -> bool:
+        if box.x0 < inside.x0 or box.x1 > inside.x1 or box.y0 < inside.y0 or box.y1 > inside.y1:
+            return False
+        if any(box.overlaps(b) for b in boxes):
+            return False
+        return not any(box.x0 - 3 <= x <= box.x1 + 3 and box.y0 - 3 <= y <= box.y1 + 3 for x, y in markers)
+
+    for (x, y), text in zip(points, texts):
+        for dx, dy in LABEL_OFFSETS:
+            far = max(abs(dx), abs(dy)) > 14
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                              ha="left" if dx >= 0 else "right", va="bottom" if dy >= 0 else "top",
+                              arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if far else None)
+            box = text_box(ann, renderer)
+            if free(box):
+                break
+            ann.remove()
+        else:  # no free place within reach (a very crowded plot): the farthest candidate, overlapping
+            ann = ax.annotate(text, (x, y), xytext=LABEL_OFFSETS[-1], textcoords="offset points", fontsize=fontsize,
+                              arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5))
+            box = text_box(ann, renderer)
+            logging.warning("report plot: no free place for the label %r", text)
+        placed.append(ann)
+        boxes.append(box)
+    return placed
+
+
+def _padded_limits(values: list[float], log: bool = False) -> tuple[float, float]:
+    """Axis limits around ``values`` with room for labels; a flat set gets a small span, not matplotlib's +-4%."""
+    lo, hi = min(values), max(values)
+    if log:
+        lo, hi = np.log10(lo), np.log10(hi)
+    span = max(hi - lo, 0.02 if not log else 0.1)
+    lo, hi = lo - 0.25 * span, hi + 0.25 * span
+    return (10 ** lo, 10 ** hi) if log else (lo, hi)
+
+
+PLOTS = {  # file -> (x of an entry, x label)
+    "metric_vs_throughput.png": (lambda e: e.tokens_per_s, "inference tokens/s (higher is faster; log scale)"),
+    "metric_vs_size.png": (lambda e: e.size_mb, "size on disk, MB (log scale)"),
+}
+
+
+def metric_figure(entries: list[Entry], reference: Entry, front: set[str], plot: str):
+    """The figure of ``plot`` (a :data:`PLOTS` key), or None when no entry has both coordinates: the teacher a
+    red star, ONNX files diamonds, the Pareto front blue with the staircase it dominates drawn (throughput plot),
+    axes fitted to the values, labels placed by :func:`place_labels`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [e for e in entries if e.metric is not None]
+    x_of, xlabel = PLOTS[plot]
+    shown = [e for e in entries if e.metric is not None and x_of(e)]
+    if not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    xs, ys = [x_of(e) for e in shown], [e.metric for e in shown]
+    ax.set_xscale("log")
+    ax.set_xlim(*_padded_limits(xs, log=True))
+    ax.set_ylim(*_padded_limits(ys))
+    for e in shown:
+        teacher = e is reference
+        color = "crimson" if teacher else ("tab:blue" if e.name in front else "gray")
+        ax.scatter(x_of(e), e.metric, s=90 if teacher else 36, color=color, zorder=3,
+                   marker="*" if teacher else ("D" if e.runtime == "onnxruntime" else "o"))
+    if plot == "metric_vs_throughput.png" and front:
+        f = sorted((e for e in shown if e.name in front), key=lambda e: e.tokens_per_s)
+        # the boundary of what the front dominates: from the left edge, then right and down from each point
+        stair_x, stair_y = [ax.get_xlim()[0]], [f[0].metric]
+        for a, b in zip(f, f[1:] + [None]):
+            stair_x += [a.tokens_per_s, a.tokens_per_s]
+            stair_y += [a.metric, b.metric if b else ax.get_ylim()[0]]
+        ax.plot(stair_x, stair_y, "--", color="tab:blue", lw=1, label="Pareto front (nothing beats these on both)")
+        ax.legend(loc="lower left", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"dev {shown[0].metric_name}")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.canvas.draw()
+    place_labels(ax, list(zip(xs, ys)), [e.name + (" (teacher)" if e is reference else "") for e in shown])
+    return fig
+
+
+def _plots(entries: list[Entry], reference: Entry, out_dir: str, front: set[str]) -> list[str]:
+    """Writes the :data:`PLOTS` PNGs into ``out_dir``; returns their paths."""
+    import matplotlib.pyplot as plt
+
     paths = []
-    for x_of, xlabel, fname in ((lambda e: e.tokens_per_s, "inference tokens/s (higher is faster)",
-                                 "metric_vs_throughput.png"),
-                                (lambda e: e.size_mb, "size on disk (MB)", "metric_vs_size.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for e in pts:
-            teacher = e is reference
-            ax.scatter(x_of(e), e.metric, s=80 if teacher else 40, marker="*" if teacher else "o",
-                       color="crimson" if teacher else ("tab:blue" if e.name in front else "gray"), zorder=3)
-            ax.annotate(e.name + (" (teacher)" if teacher else ""), (x_of(e), e.metric), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
-        if fname.startswith("metric_vs_throughput") and front:
-            f = sorted((e for e in pts if e.name in front), key=lambda e: e.tokens_per_s)
-            ax.plot([e.tokens_per_s for e in f], [e.metric for e in f], "--", color="tab:blue", label="Pareto front")
-            ax.legend(loc="lower left", fontsize=8)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(pts[0].metric_name if pts else "metric")
-        ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = os.path.join(out_dir, fname)
-        fig.savefig(path, dpi=120)
+    for plot in PLOTS:
+        fig = metric_figure(entries, reference, front, plot)
+        if fig is None:
+            continue
+        paths.append(os.path.join(out_dir, plot))
+        fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
-        paths.append(path)
     return paths
 
 
-COLUMNS = ("model", "family", "variant", "metric", "vs teacher", "params", "size MB", "GFLOPs", "tokens/s",
-           "speed vs teacher")
+COLUMNS = ("model", "runtime", "family", "variant", "metric (dev)", "chosen on", "vs teacher", "params", "size MB",
+           "GFLOPs", "latency b1 ms", "latency ms", "tokens/s", "speed vs teacher")
 
 
 def _rows(entries: list[Entry], reference: Entry) -> list[list[str]]:
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
     rows = []
     for e in entries:
         rel = (f"{100 * e.metric / reference.metric:.1f}%" if e.metric is not None and reference.metric else "-")
-        rows.append([e.name, e.family, e.variant,
-                     "-" if e.metric is None else f"{e.metric_name} {e.metric:.4f}", rel, f"{e.params:,}",
-                     f"{e.size_mb:.1f}", "-" if e.gflops is None else f"{e.gflops:.2f}",
-                     "-" if e.tokens_per_s is None else f"{e.tokens_per_s:,.0f}",
+        rows.append([e.name, e.runtime, e.family, e.variant,
+                     "-" if e.metric is None else f"{e.metric_name} {e.metric:.4f}", e.chosen_on, rel,
+                     f"{e.params:,}", f"{e.size_mb:.1f}", num(e.gflops, ".2f"), num(e.latency_b1_ms, ".1f"),
+                     num(e.latency_ms, ".1f"), num(e.tokens_per_s, ",.0f"),
                      "-" if e.ratio is None else f"{e.ratio:.2f}x"])
     return rows
 
 
+def hardware_line(env: dict) -> str:
+    """One line naming what the speeds were measured on, with the instructions that decide int8/fp16 speed."""
+    isa = ", ".join(env.get("cpu_isa") or []) or "none of " + ", ".join(common.INT8_ISA_FLAGS)
+    return (f"Hardware: {env.get('cpu_model') or 'unknown CPU'} ({env.get('machine')}), {env.get('threads')} "
+            f"threads; int8/fp16 instructions: {isa}; JAX {env.get('jax')} on {env.get('platform')}.")
+
+
+def hardware_notes(entries: list[Entry], env: dict) -> list[str]:
+    """One line for each figure the hardware explains (int8 without int8 dot products, fp16 on a CPU without
+    fp16 arithmetic)."""
+    isa, notes = set(env.get("cpu_isa") or []), []
+    if env.get("platform") != "cpu":
+        return notes
+    if any("int8" in e.variant for e in entries) and not isa & set(common.INT8_DOT_FLAGS):
+        notes.append("int8 rows: this CPU has no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), so "
+                     "int8 matrix products run at about float32 speed here; int8 buys size, and speed on CPUs that "
+                     "have them (or on GPUs through TensorRT).")
+    if any(e.variant == "fp16" for e in entries) and not isa & {"avx512_fp16", "amx_fp16"}:
+        notes.append("fp16 rows: this CPU has no fp16 arithmetic (AVX-512 FP16 or AMX-FP16), so onnxruntime computes "
+                     "fp16 graphs by converting to float32: half the file size, no speed-up here.")
+    return notes
+
+
+def _embedded_image(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
 def write_report(entries: list[Entry], reference: Entry, out_dir: str, *, batch: int, seq: int,
                  title: str = "Compression report") -> dict:
-    """Writes report.md/.html/.json and the plots into ``out_dir``; returns the JSON payload."""
+    """Writes report.md, a self-contained report.html (plots embedded), report.json and the plots into
+    ``out_dir``; returns the JSON payload."""
     os.makedirs(out_dir, exist_ok=True)
+    env = common.environment()
     for e in entries:
         e.ratio = e.tokens_per_s / reference.tokens_per_s if e.tokens_per_s and reference.tokens_per_s else None
     front = pareto(entries)
     plots = _plots(entries, reference, out_dir, front)
     rows = _rows(entries, reference)
-    note = (f"Throughput: inference at batch {batch} x seq {seq}, all models timed in one process with interleaved "
-            f"rounds (median), on {common.environment()['device']} ({jax.default_backend()}). Reference: "
-            f"{reference.name}. Pareto front (metric vs throughput): {', '.join(sorted(front)) or '-'}.")
+    note = (f"Speed: inference at batch {batch} x seq {seq} (latency, tokens/s) and at batch 1 x seq {seq} "
+            f"(latency b1), every model and ONNX file timed in one process with interleaved rounds (median). "
+            f"Reference: {reference.name}. Pareto front (metric vs throughput): {', '.join(sorted(front)) or '-'}.")
+    notes = [hardware_line(env)] + hardware_notes(entries, env)
     md = [f"# {title}", "", note, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
+    md += [""] + [f"- {n}" for n in notes] + [""]
+    md += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(md))
     cells = lambda r, tag: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in r)  # noqa: E731
@@ -244,16 +436,18 @@ def write_report(entries: list[Entry], reference: Entry, out_dir: str, *, batch:
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
             "padding:4px 8px;text-align:right}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><p>{html.escape(note)}</p><table><tr>{cells(COLUMNS, 'th')}</tr>"
-            + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows) + "</table>"
-            + "".join(f"<p><img src='{os.path.basename(p)}'></p>" for p in plots) + "</body></html>")
+            + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows) + "</table><ul>"
+            + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
+            + "".join(f"<p><img alt='{html.escape(os.path.basename(p))}' src='{_embedded_image(p)}'></p>"
+                      for p in plots) + "</body></html>")
     with open(os.path.join(out_dir, "report.html"), "w") as f:
         f.write(page)
     payload = {"reference": reference.name, "batch": batch, "seq": seq, "pareto": sorted(front),
-               "environment": common.environment(),
+               "environment": env, "notes": notes,
                "models": [{k: v for k, v in dataclasses.asdict(e).items() if k not in ("apply", "variables")}
                           for e in entries]}
     common.write_json(os.path.join(out_dir, "report.json"), payload)
-    print("\n".join(md[:len(rows) + 6]))
+    print("\n".join(md[:len(rows) + 7 + len(notes)]))
     return payload
 
 

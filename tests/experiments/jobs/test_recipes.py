@@ -154,7 +154,7 @@ def test_l0_and_qat_stages_run_from_the_recipe_config(tmp_path):
     qat_meta = json.loads((tmp_path / "w" / "qat" / "model" / "config.json").read_text())
     l0_meta = json.loads((l0_model / "config.json").read_text())
     assert qat_meta["config"] == l0_meta["config"]
-    assert set(out["onnx"]["models"]["qat"]) == {"model_fp32.onnx", "model_fp16.onnx", "model_int8.onnx"}
+    assert set(out["onnx"]["models"]["qat"]["files"]) == {"model_fp32.onnx", "model_fp16.onnx", "model_int8.onnx"}
 
 
 def test_a_changed_stage_reruns_with_every_stage_after_it(tmp_path):

@@ -44,3 +44,60 @@ def test_a_run_reports_the_metric_of_the_model_it_saved(tmp_path):
         {"metric_names": ["accuracy"], "best": {"accuracy": 0.90}, "final": {"accuracy": 0.86}}))
     [entry] = report.collect([str(tmp_path / "run")])
     assert (entry.metric_name, entry.metric) == ("accuracy", 0.85)
+
+
+def _entries(points):
+    """Report entries at (metric, tokens/s, size MB) points, named like a recipe's models."""
+    names = ["teacher", "transformer3", "bilstm", "theseus", "pruned", "int8", "teacher (onnx fp32)",
+             "teacher (onnx fp16)", "theseus (onnx fp32)", "bilstm (onnx fp32)"]
+    return [report.Entry(name, "/run", "/run/model", "transformer", "accuracy", metric, 1000, size,
+                         runtime="onnxruntime" if "onnx" in name else "jax", tokens_per_s=tps,
+                         variant="fp16" if "fp16" in name else ("int8" if name == "int8" else "float32"))
+            for name, (metric, tps, size) in zip(names, points)]
+
+
+CROWDED = [(0.93, 1000, 87), (0.93, 1000, 87), (0.90, 2000, 67), (0.93, 1010, 44), (0.925, 1200, 80),
+           (0.93, 1005, 22), (0.93, 1000, 87), (0.93, 990, 44), (0.90, 2000, 67), (0.88, 9000, 19)]
+
+
+@pytest.mark.parametrize("plot", sorted(report.PLOTS))
+def test_plot_labels_never_overlap_even_on_coinciding_points(plot):
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    entries = _entries(CROWDED)
+    fig = report.metric_figure(entries, entries[0], report.pareto(entries), plot)
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text()]
+    assert sorted(t.get_text() for t in labels) == sorted(e.name + (" (teacher)" if i == 0 else "")
+                                                          for i, e in enumerate(entries))
+    boxes = [report.text_box(t, renderer) for t in labels]
+    inside = ax.get_window_extent(renderer)
+    for i, a in enumerate(boxes):
+        assert inside.x0 <= a.x0 and a.x1 <= inside.x1 and inside.y0 <= a.y0 and a.y1 <= inside.y1, labels[i]
+        for j in range(i):
+            assert not a.overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    lo, hi = ax.get_ylim()
+    assert lo > 0.85 and hi < 0.96  # fitted to the metrics, not 0 - 1
+    if plot == "metric_vs_throughput.png":  # the front is drawn even where it is one point
+        front = [l for l in ax.get_lines() if isinstance(l, Line2D) and "Pareto" in str(l.get_label())]
+        assert len(front) == 1 and len(front[0].get_xdata()) >= 3
+    plt.close(fig)
+
+
+def test_report_html_is_self_contained_and_notes_the_hardware(tmp_path, monkeypatch):
+    import re
+    monkeypatch.setattr(report.common, "environment", lambda: {
+        "platform": "cpu", "cpu_model": "AMD EPYC 7B13", "cpu_isa": ["avx2"], "threads": 2, "machine": "x86_64",
+        "jax": "0.x"})
+    entries = _entries(CROWDED)
+    payload = report.write_report(entries, entries[0], str(tmp_path), batch=32, seq=64)
+    page = (tmp_path / "report.html").read_text()
+    refs = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]*)['"]""", page)
+    assert refs and all(r.startswith("data:image/png;base64,") for r in refs)  # the plots, embedded
+    assert "url(" not in page and "<link" not in page and "<script" not in page
+    assert "AMD EPYC 7B13" in page and "no int8 dot-product instructions" in page and "no fp16 arithmetic" in page
+    assert len(payload["notes"]) == 3
+    md = (tmp_path / "report.md").read_text()
+    assert md.count("| teacher (onnx fp32) | onnxruntime |") == 1

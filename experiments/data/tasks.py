@@ -2,7 +2,8 @@
 :class:`TaskData`.
 
 Names
-  * ``synthetic``, ``synthetic_graded``, ``synthetic_pair``, ``synthetic_ner``: generated (see :mod:`experiments.data.synthetic`);
+  * ``synthetic``, ``synthetic_graded``, ``synthetic_pair``, ``synthetic_ner``: generated (see
+    :mod:`experiments.data.synthetic`);
   * ``sst2``, ``mrpc``, ``rte``, ``agnews``, ``wikiann``, ``wnut17``: local files laid out as in the shared
     benchmark data folder. ``data_dir`` is the task's folder (holding e.g. ``train.tsv`` and ``dev.tsv``) or
     the folder above it (then the task's subfolder, e.g. ``wikiann_en/``, is used). AG News ships only a

@@ -115,9 +115,8 @@ def export(config, workdir: str) -> dict:
 def _score_onnx_files(config, model_dir: str, out_dir: str, files: dict) -> None:
     """Adds ``metrics`` (the task's, on dev, in onnxruntime) to each entry of ``files``."""
     from experiments.tools.export_eval import onnx_logits
-    _, cfg, _, task = evaluation.load_model_task(model_dir, data_dir=config.data_dir,
-                                                 synthetic_size=config.synthetic_size, seed=config.seed)
-    inputs = evaluation.model_inputs(task, cfg.family)
+    *_, task = evaluation.load_model_task(model_dir, data_dir=config.data_dir, synthetic_size=config.synthetic_size,
+                                          seed=config.seed)
     for f, entry in files.items():
-        preds = evaluation.Predictions.collect(onnx_logits(os.path.join(out_dir, f), task, 32, inputs))
+        preds = evaluation.Predictions.collect(onnx_logits(os.path.join(out_dir, f), task, 32))
         entry["metrics"] = preds.metrics(task)

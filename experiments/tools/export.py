@@ -91,6 +91,15 @@ def signature(family: str, config, batch: int = 2, seq: int = 16, seed: int = 0)
     raise ExportError(f"no export signature for family {family!r}; known: transformer, bilstm, cnn_lstm")
 
 
+BATCH_KEYS = {"mask": "word_mask", "mask_b": "word_mask_b"}  # graph input (model argument) -> batch key
+
+
+def onnx_feed(batch: Mapping, input_names: Sequence[str]) -> dict:
+    """The exported graph's inputs (``input_names``, the model's argument names, as :func:`signature` gives them)
+    from a batch of the data pipeline, whose word-level masks are named ``word_mask``/``word_mask_b``."""
+    return {name: np.asarray(batch[BATCH_KEYS.get(name, name)]) for name in input_names}
+
+
 def output_fields(apply_fn, keep: Sequence[str] | None = None):
     """``apply_fn`` returning a dict of its output dataclass's fields (those in ``keep``, default all),
     without the ``None`` ones: the ONNX outputs are named by these keys."""

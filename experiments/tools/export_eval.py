@@ -32,21 +32,20 @@ from experiments.benchmarks.common import print_table, write_json
 from experiments.runtime import evaluation
 from experiments.runtime.metrics import classification_metrics
 from experiments.techniques import qat
-from experiments.tools.export import export_model_dir
+from experiments.tools.export import export_model_dir, onnx_feed
 
 INPUTS = evaluation.TRANSFORMER_INPUTS
 
 
-def onnx_logits(path: str, task, batch_size: int, inputs: Sequence[str] = INPUTS):
-    """``(logits, batch)`` of an ONNX file in onnxruntime (CPU) over ``task.dev``, as
-    :func:`experiments.runtime.evaluation.dev_logits` yields them for the JAX model; ``inputs``: the batch keys
-    the graph reads (:func:`experiments.runtime.evaluation.model_inputs` of its family)."""
+def onnx_logits(path: str, task, batch_size: int):
+    """``(logits, batch)`` of an ONNX file (of any family) in onnxruntime (CPU) over ``task.dev``, as
+    :func:`experiments.runtime.evaluation.dev_logits` yields them for the JAX model."""
     import onnxruntime as ort
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     out = [o.name for o in sess.get_outputs()].index("logits")
-    wanted = {i.name for i in sess.get_inputs()}
+    names = [i.name for i in sess.get_inputs()]
     for b in task.dev.batches(batch_size, shuffle=False, drop_remainder=False):
-        yield sess.run(None, {k: b[k] for k in inputs if k in wanted})[out], b
+        yield sess.run(None, onnx_feed(b, names))[out], b
 
 
 def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: str,

@@ -202,8 +202,9 @@ def _jax_call(e: Entry, data: dict) -> Callable[[], object]:
 
 def _onnx_call(e: Entry, data: dict) -> Callable[[], object]:
     import onnxruntime as ort
+    from experiments.tools.export import onnx_feed
     sess = ort.InferenceSession(e.onnx_path, providers=["CPUExecutionProvider"])
-    feed = {i.name: np.asarray(data[i.name]) for i in sess.get_inputs()}
+    feed = onnx_feed(data, [i.name for i in sess.get_inputs()])
     return lambda: sess.run(None, feed)
 
 
@@ -390,8 +391,8 @@ def hardware_line(env: dict) -> str:
 
 
 def hardware_notes(entries: list[Entry], env: dict) -> list[str]:
-    """One line for each figure the hardware explains (int8 without int8 dot products, fp16 on a CPU without
-    fp16 arithmetic)."""
+    """One line for each figure the hardware or runtime explains (int8 without int8 dot products, fp16 ONNX files
+    on a CPU)."""
     isa, notes = set(env.get("cpu_isa") or []), []
     if env.get("platform") != "cpu":
         return notes
@@ -399,9 +400,10 @@ def hardware_notes(entries: list[Entry], env: dict) -> list[str]:
         notes.append("int8 rows: this CPU has no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), so "
                      "int8 matrix products run at about float32 speed here; int8 buys size, and speed on CPUs that "
                      "have them (or on GPUs through TensorRT).")
-    if any(e.variant == "fp16" for e in entries) and not isa & {"avx512_fp16", "amx_fp16"}:
-        notes.append("fp16 rows: this CPU has no fp16 arithmetic (AVX-512 FP16 or AMX-FP16), so onnxruntime computes "
-                     "fp16 graphs by converting to float32: half the file size, no speed-up here.")
+    if any(e.variant == "fp16" and e.runtime == "onnxruntime" for e in entries):
+        notes.append("fp16 ONNX rows: onnxruntime's CPU provider has few fp16 kernels and runs most fp16 operators "
+                     "by converting to float32, so fp16 halves the file but is not faster on a CPU (with or without "
+                     "AVX-512 FP16); it is meant for GPUs (TensorRT).")
     return notes
 
 
@@ -461,6 +463,7 @@ def build_report(run_dirs: list[str], out_dir: str, *, reference: str | None = N
         if not matches:
             raise ValueError(f"reference {reference!r} is none of {[e.name for e in entries]}")
         ref = matches[0]
+    entries = [ref] + [e for e in entries if e is not ref]  # the reference first, then in the runs' order
     measure(entries, batch=batch, seq=seq, rounds=rounds)
     return write_report(entries, ref, out_dir, batch=batch, seq=seq, title=title)
 

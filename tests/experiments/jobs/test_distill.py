@@ -316,7 +316,7 @@ def test_cnn_lstm_student_distils_a_token_teacher(tiny_ner_teacher_dir, tmp_path
         return
 
     task = load_task("synthetic_ner", None, tokenizer=tiny_ner_teacher_dir, max_length=16, synthetic_size=256,
-                     word_vocab=WordVocab.load(tmp_path / "model" / "word_vocab.json"),
+                     word_vocab=WordVocab.load(tmp_path / "model" / "word_vocab.json"), selection="auto",
                      char_vocab=CharVocab.load(tmp_path / "model" / "char_vocab.json"), max_word_chars=8)
     # The cache holds the teacher's logits at each word's first sub-token, zeros past the sentence.
     cached = np.load(tmp_path / "teacher_logits.npz")["logits"]
@@ -351,7 +351,7 @@ def test_unlabeled_sentences_join_a_token_task_without_gold_tags(tiny_ner_teache
     config = _config("cnn_lstm", tiny_ner_teacher_dir, base_task="synthetic_ner", transfer_file=str(
         tmp_path / "unlabeled.txt"), **TAGGER_TINY)
     result = registry.run(config, str(tmp_path / "run"))
-    n_train = len(load_task("synthetic_ner", None, synthetic_size=256).train)
+    n_train = len(load_task("synthetic_ner", None, synthetic_size=256, selection="auto").train)  # held-out rows out
     assert result["transfer_examples"] == n_train + 2
     words = WordVocab.load(tmp_path / "run" / "model" / "word_vocab.json")
     assert words.encode(["quokka", "zurich"]).min() > 1  # in the vocabulary (1 = unknown)
@@ -373,7 +373,8 @@ def test_unlabeled_sentences_join_a_token_task_without_gold_tags(tiny_ner_teache
 
     # Built the way the job builds it: gold tags on the training rows only.
     task = load_task("synthetic_ner", None, tokenizer=tiny_ner_teacher_dir, max_length=16, synthetic_size=256,
-                     word_vocab=words, char_vocab=CharVocab.load(tmp_path / "run" / "model" / "char_vocab.json"))
+                     word_vocab=words, char_vocab=CharVocab.load(tmp_path / "run" / "model" / "char_vocab.json"),
+                     selection="auto", max_word_chars=8)
     raw = distill._read_transfer_file(config, task)
     train = distill._transfer_split(task, [distill._unlabeled_split(task, raw, 8)], tagger=True)
     for batch in train.batches(64, drop_remainder=False):

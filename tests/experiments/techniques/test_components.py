@@ -49,8 +49,11 @@ def test_logit_kd_alone_equals_the_formula(tiny_teacher_dir, tmp_path):
     """Hinton KD from cached logits: 0.9 T^2 KL(p_T || p_S) + 0.1 CE, T = 4, written in numpy."""
     config = tiny_job(distill_configs.get_config("synthetic,transformer3"), tiny_teacher_dir, 4)
     config.student.num_layers = 1
-    config.student.init = "random"  # a student far from the (nearly uniform) tiny teacher: a sizeable KL
+    config.student.init = "random"  # a student far from the (nearly uniform) tiny teacher
     run = _run(config, tmp_path)
+    head = run.tree["model"]["classifier"]
+    # sharpen the student's logits so that the KL term is sizeable against the cross-entropy
+    run.tree = {**run.tree, "model": {**run.tree["model"], "classifier": {**head, "kernel": 20.0 * head["kernel"]}}}
     batch = _first_batch(run)
     loss, aux = runner.make_loss(run)(run.tree, batch, RNG, run.extras)
 

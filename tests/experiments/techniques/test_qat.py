@@ -41,8 +41,9 @@ def _qat_run(tiny_teacher_dir, workdir, learning_rate: float, preset: bool = Fal
 
 
 def _task(model_dir):
+    """The task as the QAT job reads it (its selection rows held out of train, where it calibrates)."""
     return load_task("synthetic", None, tokenizer=model_dir, max_length=TINY["max_length"], seed=0,
-                     synthetic_size=TINY["synthetic_size"])
+                     synthetic_size=TINY["synthetic_size"], selection="auto")
 
 
 def _fake_quant_metrics(model_dir, task):

@@ -32,7 +32,8 @@ LSTM_INPUTS = ["encoder/layer_0/forward/input", "encoder/layer_0/backward/input"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant_eval")
-    probe = types.SimpleNamespace(data_dir=None, max_length=MAX_LEN, seed=0, synthetic_size=SIZE)
+    probe = types.SimpleNamespace(data_dir=None, max_length=MAX_LEN, seed=0, synthetic_size=SIZE, selection="holdout",
+                                  selection_size=0)
     tok = _word_level_tokenizer("synthetic", probe, str(root / "tokenizer"))
     cfg = TransformerConfig(vocab_size=tok.get_vocab_size(), hidden_size=16, num_layers=1, num_heads=2,
                             intermediate_size=32, max_position_embeddings=MAX_LEN, hidden_dropout_rate=0.0,

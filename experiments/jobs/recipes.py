@@ -202,7 +202,9 @@ def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out[name] = read_results(stage_dir)
     if config.report.enabled:
         from experiments.tools import report
-        report.build_report([workdir], workdir, reference=names[0], batch=config.report.batch,
+        # this recipe's stages in order (not every folder: outputs set aside as *.stale-* are not in the report)
+        report.build_report([os.path.join(workdir, n) for n in names], workdir, reference=names[0],
+                            batch=config.report.batch,
                             seq=config.report.seq, rounds=config.report.rounds,
                             title=f"Compression report: {config.task}")
         logging.info("report: %s (and report.html, plots)", os.path.join(workdir, "report.md"))

@@ -118,6 +118,20 @@ def collect(run_dirs: list[str]) -> list[Entry]:
                                  variables={"params": params}))
         for c in _stage_dirs_without_model(run):
             entries.extend(_stage_rows(c))
+    return _unique_names(entries)
+
+
+def _unique_names(entries: list[Entry]) -> list[Entry]:
+    """Entries whose names collide (runs with the same folder name) get their parent folder as a prefix."""
+    counts = {}
+    for e in entries:
+        counts[e.name] = counts.get(e.name, 0) + 1
+    for e in entries:
+        if counts[e.name] > 1:
+            e.name = f"{os.path.basename(os.path.dirname(os.path.normpath(e.run_dir)))}/{e.name}"
+    seen = [e.name for e in entries]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"report rows with the same name: {sorted(n for n in seen if seen.count(n) > 1)}")
     return entries
 
 

@@ -58,16 +58,23 @@ def test_every_stage_writes_its_outputs_and_the_report(recipe_run):
     assert out["pruned"]["chosen"]["heads_pruned"] == 2  # max_fraction 0.5 of 4 heads
     assert set(out["int8"]) >= {"float32", "fake_quant", "int8"}
     assert (workdir / "int8" / "quant_state.npz").is_file()
-    onnx = out["onnx"]["models"]
+    onnx = {name: record["files"] for name, record in out["onnx"]["models"].items()}
     assert set(onnx["teacher"]) == {"model_fp32.onnx", "model_fp16.onnx", "model_int8.onnx"}
     assert set(onnx["bilstm"]) == {"model_fp32.onnx", "model_fp16.onnx"}
     assert onnx["teacher"]["model_fp32.onnx"]["max_abs_diff"] <= 1e-4
+    # each file scored in onnxruntime on dev: fp32 files predict what their JAX models predict
+    assert onnx["teacher"]["model_fp32.onnx"]["metrics"]["accuracy"] == out["teacher"]["final"]["accuracy"]
+    assert onnx["bilstm"]["model_fp32.onnx"]["metrics"]["accuracy"] == out["bilstm"]["final"]["accuracy"]
     for name in ("report.md", "report.html", "report.json", "metric_vs_throughput.png", "metric_vs_size.png"):
         assert (workdir / name).is_file(), name
     report = json.loads((workdir / "report.json").read_text())
     rows = {(m["name"], m["variant"]) for m in report["models"]}
     assert rows >= {("teacher", "float32"), ("transformer3", "float32"), ("bilstm", "float32"), ("theseus", "float32"),
                     ("pruned", "float32"), ("int8", "int8")}
+    assert rows >= {("teacher (onnx fp32)", "fp32"), ("teacher (onnx int8)", "int8"), ("bilstm (onnx fp16)", "fp16")}
+    assert [m["name"] for m in report["models"]][0] == "teacher"  # the reference first; no set-aside folder
+    for m in report["models"]:
+        assert m["latency_b1_ms"] > 0 and m["latency_ms"] > 0 and m["metric"] is not None, m["name"]
     teacher = next(m for m in report["models"] if m["name"] == "teacher")
     assert teacher["ratio"] == pytest.approx(1.0) and teacher["tokens_per_s"] > 0
     assert teacher["metric"] == out["teacher"]["best"]["accuracy"] or \

@@ -43,7 +43,8 @@ def _block_scores(w: jax.Array, block: tuple[int, int]) -> jax.Array:
     return jnp.abs(w.astype(jnp.float32)).reshape(r, rows, c, cols).mean(axis=(1, 3))
 
 
-def _matched(params, pattern: str) -> dict[str, jax.Array]:
+def matched_weights(params, pattern: str = DEFAULT_PATTERN) -> dict[str, jax.Array]:
+    """``{slash-joined path: weight}`` of the parameters ``pattern`` matches; ValueError when it matches none."""
     regex = re.compile(pattern)
     matched = {_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(params) if regex.search(_path(k))}
     if not matched:
@@ -76,7 +77,7 @@ def magnitude_masks(params, sparsity, pattern: str = DEFAULT_PATTERN, block: tup
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    scores = {p: _block_scores(v, block) for p, v in _matched(params, pattern).items()}
+    scores = {p: _block_scores(v, block) for p, v in matched_weights(params, pattern).items()}
     if scope == "global":
         global_t = _threshold(jnp.concatenate([s.ravel() for s in scores.values()]), sparsity)
     masks = {}

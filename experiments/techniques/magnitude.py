@@ -17,7 +17,6 @@ the schedule's steps, and the exported model's measured ``sparsity`` over the ma
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -72,15 +71,13 @@ def schedule_steps(c, total_steps: int) -> tuple[int, int]:
 
 def matched_sparsity(params, pattern: str) -> tuple[int, int]:
     """``(zeros, total)`` over the weights ``pattern`` matches."""
-    masks = magnitude.magnitude_masks(params, 0.0, pattern)  # all ones where matched: marks the matched leaves
-    pairs = [(np.asarray(p), m) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(
-        masks, is_leaf=lambda x: x is None)) if m is not None]
-    return sum(int((p == 0).sum()) for p, _ in pairs), sum(p.size for p, _ in pairs)
+    weights = [np.asarray(w) for w in magnitude.matched_weights(params, pattern).values()]
+    return sum(int((w == 0).sum()) for w in weights), sum(w.size for w in weights)
 
 
 def _setup(run: Run) -> None:
     c = run.config.magnitude
-    magnitude.magnitude_masks(run.tree["model"], 0.0, c.pattern)  # a pattern that matches nothing fails here
+    magnitude.matched_weights(run.tree["model"], c.pattern)  # a pattern that matches nothing fails here
     begin, end = schedule_steps(c, run.total_steps)
     run.model_updates.append(magnitude.gradual_magnitude_pruning(
         c.final_sparsity, begin, end, c.frequency, initial_sparsity=c.initial_sparsity, power=c.power,

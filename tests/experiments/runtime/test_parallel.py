@@ -101,3 +101,46 @@ def test_uneven_token_counts_are_weighted_to_the_global_mean(result):
     assert result["tok_vs_reference"] <= 1e-5
     assert result["tok_loss"][0] == pytest.approx(result["tok_loss"][2], rel=1e-5)
     assert result["tok_loss"][1] == pytest.approx(result["tok_loss"][2], rel=1e-5)
+
+
+def test_different_software_on_two_processes_is_named():
+    from experiments.runtime import parallel
+    same = ["python 3.11.9, jax 0.10.2, jaxlib 0.10.2, nlpress abc1234"] * 2
+    assert parallel.version_mismatch(same) is None
+    message = parallel.version_mismatch([same[0], same[0].replace("jax 0.10.2", "jax 0.11.0")])
+    assert "different software" in message and "process 1: python 3.11.9, jax 0.11.0" in message
+    assert parallel.software_versions().startswith("python ") and " jax " in f" {parallel.software_versions()}"
+
+
+VERSION_WORKER = """
+import sys
+from experiments.runtime import parallel
+port, pid = sys.argv[1], int(sys.argv[2])
+parallel.initialize_distributed(f"127.0.0.1:{port}", 2, pid, "gloo")
+if pid == 1:  # this worker was installed with another JAX
+    parallel.software_versions = lambda: "python 3.11.9, jax 9.9.9, jaxlib 9.9.9, nlpress abc1234"
+try:
+    parallel.check_same_versions()
+except RuntimeError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_two_processes_with_different_jax_stop_naming_both():
+    """Two real processes joined by jax.distributed: both stop before any work, each naming both versions."""
+    import subprocess
+    import sys
+
+    from launch.local_multiprocess import free_port
+    from tests.multidevice import REPO, device_env
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", VERSION_WORKER, str(port), str(i)], cwd=REPO,
+                              env=device_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 3, err[-2000:]
+        assert "different software" in out and "process 1: python 3.11.9, jax 9.9.9" in out
+        assert "process 0: python" in out and "process 0: python 3.11.9, jax 9.9.9" not in out

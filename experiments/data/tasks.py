@@ -123,9 +123,9 @@ LOCAL_TASKS = {
 }
 SYNTHETIC_TASKS = {
     "synthetic": (synthetic.sentiment, synthetic.SENTIMENT_LABELS),
-    "synthetic_graded": (synthetic.graded_sentiment, synthetic.SENTIMENT_LABELS),
     "synthetic_pair": (synthetic.pairs, synthetic.PAIR_LABELS),
     "synthetic_ner": (synthetic.ner, synthetic.NER_LABELS),
+    "synthetic_graded": (synthetic.graded_sentiment, synthetic.SENTIMENT_LABELS),
 }
 _GENERIC = {  # prefix -> (default file extension, allowed option keys)
     "tsv": ("tsv", {"text", "text_b", "label", "header", "labels", "train", "dev"}),

@@ -86,3 +86,36 @@ def test_synthetic_tasks_through_load_task():
     assert pair.is_pair and len(pair.dev) == 2 and "word_ids_b" in next(pair.train.batches(4))
     ner = load_task("synthetic_ner", synthetic_size=8)
     assert ner.kind == "token" and ner.metric_names == ["span_f1"]
+
+
+def _graded_rule(text: str) -> str:
+    """The label of a graded sentence read off its words, independently of the generator: the main clause of a
+    contrast decides; a claim, a negation word and "far from" / "anything but" each flip the adjective."""
+    if " but " in text and "anything but" not in text:
+        text = text.split(" but ", 1)[1]
+    elif text.startswith("although"):
+        text = text.split(" , ", 1)[1]
+    elif ", however" in text:
+        text = text.split(", however", 1)[1]
+    flips = 0
+    for claim in synthetic.CLAIMS:
+        prefix = claim.split("{")[0].strip()
+        if prefix in text:
+            text, flips = text.replace(prefix, ""), flips + 1
+    words = f" {text} "
+    flips += sum(words.count(f" {n} ") for n in synthetic.NEGATIONS) + sum(text.count(f) for f in synthetic.FLIPPERS)
+    positive = [a for a in synthetic.POSITIVE if f" {a} " in words]
+    negative = [a for a in synthetic.NEGATIVE if f" {a} " in words]
+    assert len(positive) + len(negative) == 1, text
+    return synthetic.SENTIMENT_LABELS[int(bool(positive)) ^ (flips % 2)]
+
+
+def test_graded_sentiment_follows_its_rule_but_for_the_label_noise():
+    raw = synthetic.graded_sentiment(4000, seed=3)
+    wrong = np.mean([_graded_rule(t) != label for t, label in zip(raw.texts, raw.labels)])
+    assert abs(wrong - synthetic.GRADED_NOISE) < 0.012  # 4% flipped, binomial sd 0.3% over 4000
+    kinds = {"contrast": sum(" but " in t and "anything but" not in t or t.startswith("although") or ", however" in t
+                             for t in raw.texts),
+             "claim": sum(any(c.split("{")[0].strip() in t for c in synthetic.CLAIMS) for t in raw.texts)}
+    assert all(800 <= n <= 1200 for n in kinds.values()), kinds  # a quarter each
+    assert abs(raw.labels.count("positive") - 2000) < 100

@@ -264,6 +264,9 @@ LABEL_OFFSETS = [(dx, dy) for r in (6, 14, 24, 36, 52, 72, 96, 124) for dx, dy i
                  ((r, r), (r, -r), (-r, r), (-r, -r), (r, 0), (-r, 0), (0, r), (0, -r))]
 
 
+LEADER = dict(arrowstyle="-", color="0.35", lw=0.6, shrinkA=0, shrinkB=3)  # label -> point line
+
+
 def text_box(ann, renderer):
     """The display box of an annotation's text alone (``Annotation.get_window_extent`` adds its arrow)."""
     from matplotlib import text as mtext
@@ -289,17 +292,17 @@ def place_labels(ax, points: list[tuple[float, float]], texts: list[str], fontsi
 
     for (x, y), text in zip(points, texts):
         for dx, dy in LABEL_OFFSETS:
-            far = max(abs(dx), abs(dy)) > 14
+            far = max(abs(dx), abs(dy)) > LABEL_OFFSETS[0][0]  # beyond the nearest ring: a leader line to its point
             ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
                               ha="left" if dx >= 0 else "right", va="bottom" if dy >= 0 else "top",
-                              arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if far else None)
+                              arrowprops=LEADER if far else None)
             box = text_box(ann, renderer)
             if free(box):
                 break
             ann.remove()
         else:  # no free place within reach (a very crowded plot): the farthest candidate, overlapping
             ann = ax.annotate(text, (x, y), xytext=LABEL_OFFSETS[-1], textcoords="offset points", fontsize=fontsize,
-                              arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5))
+                              arrowprops=LEADER)
             box = text_box(ann, renderer)
             logging.warning("report plot: no free place for the label %r", text)
         placed.append(ann)
@@ -359,7 +362,8 @@ def metric_figure(entries: list[Entry], reference: Entry, front: set[str], plot:
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.canvas.draw()
-    place_labels(ax, list(zip(xs, ys)), [e.name + (" (teacher)" if e is reference else "") for e in shown])
+    place_labels(ax, list(zip(xs, ys)), [e.name if e is not reference or "teacher" in e.name
+                                         else f"{e.name} (reference)" for e in shown])
     return fig
 
 
@@ -405,8 +409,8 @@ def hardware_line(env: dict) -> str:
 
 
 def hardware_notes(entries: list[Entry], env: dict) -> list[str]:
-    """One line for each figure the hardware or runtime explains (int8 without int8 dot products, fp16 ONNX files
-    on a CPU)."""
+    """One line for each figure the hardware explains (int8 without int8 dot products, fp16 ONNX files on a CPU
+    without fp16 arithmetic)."""
     isa, notes = set(env.get("cpu_isa") or []), []
     if env.get("platform") != "cpu":
         return notes
@@ -414,10 +418,11 @@ def hardware_notes(entries: list[Entry], env: dict) -> list[str]:
         notes.append("int8 rows: this CPU has no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), so "
                      "int8 matrix products run at about float32 speed here; int8 buys size, and speed on CPUs that "
                      "have them (or on GPUs through TensorRT).")
-    if any(e.variant == "fp16" and e.runtime == "onnxruntime" for e in entries):
-        notes.append("fp16 ONNX rows: onnxruntime's CPU provider has few fp16 kernels and runs most fp16 operators "
-                     "by converting to float32, so fp16 halves the file but is not faster on a CPU (with or without "
-                     "AVX-512 FP16); it is meant for GPUs (TensorRT).")
+    if any(e.variant == "fp16" and e.runtime == "onnxruntime" for e in entries) and not isa & {"avx512_fp16",
+                                                                                                 "amx_fp16"}:
+        notes.append("fp16 ONNX rows: this CPU has no fp16 arithmetic (AVX-512 FP16 or AMX-FP16), so onnxruntime runs "
+                     "fp16 operators converted to float32 here: fp16 halves the file, and its speed on this machine "
+                     "says nothing of a GPU (TensorRT), where it is meant to run.")
     return notes
 
 

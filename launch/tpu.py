@@ -13,11 +13,11 @@ Sub-commands (each prints the ``gcloud`` commands it runs; ``--dry_run`` only pr
 ``bootstrap`` clones the repository on every worker (``ssh --worker=all``) and installs it with the pinned
 constraints and the TPU wheel of the pinned JAX version, then prints each worker's versions; a run whose workers
 differ stops at start naming every process's versions (``experiments.main`` checks them). ``run`` starts
-``python -m experiments.main`` on every worker at once: on a TPU VM JAX finds the other hosts by itself (``--distributed``
-is added: ``jax.distributed.initialize()`` without arguments), each host feeds its shard of the data, and pmap
-reduces over all chips of the slice. The workdir should be a bucket (``gs://...``) or a disk every worker sees, so
-that a preempted slice resumes from the same checkpoints: rerun ``run`` with the same arguments (see the README
-section on launching).
+``python -m experiments.main`` on every worker at once: on a TPU VM JAX finds the other hosts by itself
+(``--distributed`` is added: ``jax.distributed.initialize()`` without arguments), each host feeds its shard of the
+data, and pmap reduces over all chips of the slice. The workdir should be a bucket (``gs://...``) or a disk every
+worker sees, so that a preempted slice resumes from the same checkpoints: rerun ``run`` with the same arguments
+(see the README section on launching).
 
 Nothing here is needed to use the package on one machine; ``launch/local_multiprocess.py`` exercises the same
 multi-host code path on one CPU.

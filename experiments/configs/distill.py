@@ -33,9 +33,10 @@ The teacher is a Transformer fine-tuned on the same task (``finetune.py:wikiann`
 The teacher's logits over the transfer set are computed once and cached in the workdir (on 2 CPU cores, 29 minutes
 for the BiLSTM's 97,349 SST-2 transfer rows, so about 20 for the 67,349 training sentences). Measured on SST-2 from
 the MiniLM teacher (dev accuracy 0.8933; final / best-checkpoint dev accuracy, training time after the logits):
-transformer3 0.8612 / 0.8624 in 12 minutes (700 steps), transformer3_nokd 0.8647 / 0.8647 (11 minutes: at this
-length Hinton KD does not beat gold labels); with the live teacher (2026-12-03, seed 0, about 10 minutes each)
-transformer3_pkd 0.8589 and transformer3_tinybert 0.8429 (intermediate layers do not help at this length either);
+transformer3 0.8612 / 0.8624 in 12 minutes (700 steps), transformer3_nokd 0.8647 / 0.8647 (11 minutes); over seeds
+0, 1, 2 (final step, 2026-12-03, before the selection split: ``--config.selection=dev`` reproduces them) the means are
+transformer3_nokd 0.8677, transformer3 0.8616, transformer3_pkd 0.8639, transformer3_tinybert 0.8452 (at this
+length neither logit nor intermediate-layer KD beats gold labels; README, "Intermediate-layer distillation");
 bilstm 0.8647 / 0.8681 in 21 minutes (3 epochs of the transfer set), bilstm_nokd 0.8360 / 0.8429 (14 minutes). On
 WikiANN (en), from the teacher's span F1 0.7765 (5 epochs, 3,125 steps, 8 minutes after 9 minutes of teacher
 logits): cnn_lstm 0.6107 final / 0.6147 best, cnn_lstm_nokd 0.6151 / 0.6167. On the training sentences alone the

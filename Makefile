@@ -3,12 +3,13 @@
 #   make demo      run the main job on the embedded default (offline)
 #   make test      run the test suite (CPU, offline, < 15 minutes on 2 cores)
 #   make bench     run the benchmarks; tables on stdout, JSON under bench_results/
-# EXTRAS=test,torch adds CPU PyTorch (the parity oracle in tests and the peer in benchmarks).
+# EXTRAS: test (pytest, the storage emulator), torch (CPU PyTorch: the parity oracle in tests and the peer in
+# benchmarks), gcs (gs:// paths: gcsfs, google-cloud-storage; the pod rehearsal test needs it).
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,torch
+EXTRAS ?= test,torch,gcs
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 BENCH_OUT ?= bench_results

@@ -46,7 +46,8 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from models.io import atomic_directory, copy_files, tokenizer_files
+from models.io import copy_files, tokenizer_files
+from models.storage import atomic_directory
 from models.transformer import Transformer, TransformerConfig
 
 log = logging.getLogger(__name__)

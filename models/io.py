@@ -12,23 +12,18 @@ A model directory holds::
 import path of its config class and model class). Families are imported lazily, so registering a family whose
 file does not exist yet costs nothing until a directory of that family is loaded.
 
-Directories are written atomically: everything (extra files such as a QAT ``quant_state.npz`` included) goes
-into a hidden temporary sibling that is renamed into place at the end, so a crash never leaves a directory that
-looks finished. Every atomic writer of the project names its temporaries the same way (:func:`temporary_path`,
-``.tmp-<8 hex>.<name>``), so that what a killed write leaves behind can be found and removed safely
-(:func:`experiments.runtime.workdir.remove_stale_temporaries`).
+Directories are written atomically (:func:`models.storage.atomic_directory`): everything (extra files such as a
+QAT ``quant_state.npz`` included) is written into a local temporary directory and published at the end, by a
+rename on a local disk and by a completion marker written last on an object store, so a crash never leaves a
+directory that looks finished. Paths may be local or ``gs://`` URLs (:mod:`models.storage`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
-import re
-import shutil
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
+from etils import epath
 from safetensors.numpy import load_file, save_file
 
+from models import storage
 from models.config_base import ModelConfig
 
 FORMAT_VERSION = 1
@@ -104,102 +101,26 @@ def model_class(family: str) -> type:
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-# Temporaries of atomic writes: `.tmp-<8 hex>.<name>` beside the destination (hidden; the destination's suffix
-# kept, so writers that append one, such as np.savez, leave the name alone). A directory being replaced is
-# parked as `.old-<8 hex>.<name>` between the two renames of the swap.
-TEMPORARY_PATTERN = re.compile(r"^\.(?P<kind>tmp|old)-[0-9a-f]{8}\.(?P<name>.+)$")
-# What atomic_directory named them before (`.<name>.tmp-<8 chars of mkdtemp>`, `.<name>.old-<8 hex>`).
-LEGACY_TEMPORARY_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[a-z0-9_]{8}$")
-
-
-def temporary_path(path: str | os.PathLike, kind: str = "tmp") -> Path:
-    """A fresh hidden sibling name for a temporary of ``path`` (``kind`` "tmp") or its parked old version
-    ("old"); matches :data:`TEMPORARY_PATTERN`."""
-    path = Path(path)
-    return path.parent / f".{kind}-{uuid.uuid4().hex[:8]}.{path.name}"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes the renames inside directory ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path to write; it becomes ``path`` (replacing any old file) when the block exits
-    without an exception, and is removed otherwise. Readers see the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields an empty temporary directory that becomes ``path`` when the block exits without an exception.
-
-    Raises ``FileExistsError`` if ``path`` exists and ``overwrite`` is false (checked before any work). On an
-    exception the temporary directory is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.iterdir():  # data on disk before the rename makes the directory visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists():
-            old = temporary_path(path, "old")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def tokenizer_files(src: str | os.PathLike) -> list[Path]:
-    """The :data:`TOKENIZER_FILES` present in ``src``.
+def tokenizer_files(src: str | os.PathLike) -> list[epath.Path]:
+    """The :data:`TOKENIZER_FILES` present in ``src`` (a local or object-store directory).
 
     Raises ``FileNotFoundError`` if ``src`` is not a directory or holds none of them.
     """
-    src = Path(src)
+    src = storage.as_path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"tokenizer_dir {src} is not a directory")
-    found = [src / name for name in TOKENIZER_FILES if (src / name).is_file()]
+    present = set(storage.listdir(src))
+    found = [src / name for name in TOKENIZER_FILES if name in present]
     if not found:
         raise FileNotFoundError(f"tokenizer_dir {src} holds no tokenizer files "
                                 f"(looked for {', '.join(TOKENIZER_FILES)})")
     return found
 
 
-def copy_files(files: list[Path], dst: str | os.PathLike) -> None:
+def copy_files(files: list[epath.Path], dst: str | os.PathLike) -> None:
+    """Copies ``files`` (local or remote) into local directory ``dst``."""
     for f in files:
-        shutil.copyfile(f, Path(dst) / f.name)
+        (Path(dst) / f.name).write_bytes(f.read_bytes())
 
 
 def flatten_params(params: Any) -> dict[str, np.ndarray]:
@@ -240,7 +161,7 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
 
 def save(path: str | os.PathLike, family: str, config: ModelConfig, params: Any,
          tokenizer_dir: str | os.PathLike | None = None, extra: dict | None = None, *,
-         overwrite: bool = False, extra_files: Mapping[str, Callable[[Path], Any]] | None = None) -> Path:
+         overwrite: bool = False, extra_files: Mapping[str, Callable[[Path], Any]] | None = None) -> epath.Path:
     """Writes a self-describing model directory at ``path`` (see the module docstring); returns ``path``.
 
     Args:
@@ -263,7 +184,7 @@ def save(path: str | os.PathLike, family: str, config: ModelConfig, params: Any,
     if not flat:
         raise ValueError("params is empty")
     extra_files = dict(extra_files or {})
-    reserved = {CONFIG_FILE, PARAMS_FILE, *TOKENIZER_FILES}
+    reserved = {CONFIG_FILE, PARAMS_FILE, storage.COMPLETE_MARKER, *TOKENIZER_FILES}
     bad = [n for n in extra_files if n in reserved or not n or os.sep in n or n.startswith(".")]
     if bad:
         raise ValueError(f"extra_files: {bad} must be plain file names other than {sorted(reserved)}")
@@ -274,7 +195,7 @@ def save(path: str | os.PathLike, family: str, config: ModelConfig, params: Any,
     except TypeError as e:
         raise TypeError(f"extra must be JSON-serialisable: {e}") from e
     tok_files = tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with storage.atomic_directory(path, overwrite=overwrite) as tmp:
         save_file(flat, str(tmp / PARAMS_FILE), metadata={"family": family})
         copy_files(tok_files, tmp)
         for name, write in extra_files.items():
@@ -282,7 +203,7 @@ def save(path: str | os.PathLike, family: str, config: ModelConfig, params: Any,
             if not (tmp / name).is_file():
                 raise FileNotFoundError(f"extra_files: the writer of {name!r} wrote no file {tmp / name}")
         (tmp / CONFIG_FILE).write_text(meta_text + "\n")
-    return Path(path)
+    return storage.as_path(path)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -290,11 +211,14 @@ def save(path: str | os.PathLike, family: str, config: ModelConfig, params: Any,
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The parsed ``config.json`` of a model directory (family, config dict, extra, ...), checked."""
-    path = Path(path)
+    path = storage.as_path(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file() or not (path / PARAMS_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a model directory: it needs {CONFIG_FILE} and {PARAMS_FILE} "
                                 "(written by models.save; for a Hugging Face checkpoint use models.hf.load_bert)")
+    if not storage.is_complete(path):
+        raise FileNotFoundError(f"{path} is an unfinished model directory (no {storage.COMPLETE_MARKER} marker: its "
+                                "upload was cut short); save or export the model again")
     try:
         meta = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -313,9 +237,11 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 
 def read_params(file: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors ``file``; a truncated or corrupt file raises ``ValueError`` naming it."""
+    """The tensors of a safetensors ``file`` (local or remote); a truncated or corrupt file raises ``ValueError``
+    naming it."""
     try:
-        return load_file(str(file))
+        with storage.local_copy(file) as local:  # a remote file is downloaded first
+            return load_file(local)
     except SafetensorError as e:
         raise ValueError(f"{file} is truncated or corrupt ({e}); save or export the model again") from e
 
@@ -330,7 +256,7 @@ def load(path: str | os.PathLike):
     meta = read_meta(path)
     family = meta["family"]
     config = config_class(family).from_dict(meta["config"])
-    flat = read_params(Path(path) / PARAMS_FILE)
+    flat = read_params(storage.join(path, PARAMS_FILE))
     if "num_tensors" in meta and len(flat) != meta["num_tensors"]:
         raise ValueError(f"{path}/{PARAMS_FILE} holds {len(flat)} tensors, config.json says {meta['num_tensors']}")
     params = unflatten_params(flat)

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 
 import jax
+import pytest
 
 OWNER_ENV = "NLPRESS_TEST_JAX_CACHE_OWNER"  # pid of the process that made the cache and removes it
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
@@ -42,3 +43,13 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if os.environ.get(OWNER_ENV) == str(os.getpid()):
         shutil.rmtree(os.environ.pop("JAX_COMPILATION_CACHE_DIR"), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """``("gs://<bucket>", environment for subprocesses)`` of one emulated bucket per test process
+    (:mod:`tests.object_store`); tests write under their own prefixes."""
+    from tests.object_store import emulated_bucket
+
+    with emulated_bucket() as bucket:
+        yield bucket

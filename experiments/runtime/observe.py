@@ -19,7 +19,8 @@ import numpy as np
 from absl import logging
 
 from experiments.runtime.trainer import path_str
-from models.io import atomic_file
+from models import storage
+from models.storage import atomic_file
 
 
 def is_writer() -> bool:

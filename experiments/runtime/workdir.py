@@ -12,8 +12,12 @@ process 0 of a multi-host run takes the lock (``enabled``) and why a workdir sho
 machines outside one run.
 
 :func:`remove_stale_temporaries` deletes what killed atomic writes leave (hidden ``.tmp-<8 hex>.<name>``
-siblings, see :func:`models.io.temporary_path`); call it while holding the lock, when no writer of this run
+siblings, see :func:`models.storage.temporary_path`); call it while holding the lock, when no writer of this run
 can be mid-write.
+
+An object store has neither locks nor renames: a workdir in a bucket (``gs://...``) is not locked (one run per
+workdir is then the user's to keep; a pod's processes are one run), and it has no temporaries to clean, since
+writes there upload whole objects and publish directories with a completion marker (:mod:`models.storage`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -31,7 +36,11 @@ from pathlib import Path
 
 from absl import logging
 
-from models.io import LEGACY_TEMPORARY_PATTERN, TEMPORARY_PATTERN
+from models import storage
+from models.storage import TEMPORARY_PATTERN
+
+# What atomic writers named their temporaries before (`.<name>.tmp-<8 chars of mkdtemp>`, `.<name>.old-<8 hex>`).
+LEGACY_TEMPORARY_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[a-z0-9_]{8}$")
 
 LOCK_FILE = ".lock"
 
@@ -107,7 +116,7 @@ def lock(path: str | os.PathLike, *, enabled: bool = True) -> Iterator[None]:
     (the caller passes ``jax.process_index() == 0``, so one process of a multi-host run takes it). Re-entrant
     within a process: a nested ``lock`` of a workdir this process holds is a no-op.
     """
-    if not enabled:
+    if not enabled or storage.is_remote(path):
         yield
         return
     os.makedirs(path, exist_ok=True)
@@ -146,13 +155,15 @@ def _remove(path: Path) -> None:
 def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
     """Removes the temporaries killed atomic writes left anywhere under workdir ``path``; returns their paths.
 
-    Matches only the names the project's atomic writers use (:data:`models.io.TEMPORARY_PATTERN`, and the
+    Matches only the names the project's atomic writers use (:data:`models.storage.TEMPORARY_PATTERN`, and the
     older ``.<name>.tmp-XXXXXXXX`` form): ``.tmp-*`` entries are unfinished writes and are deleted. An
     ``.old-*`` entry is the previous version of a directory parked during a swap: deleted when the new
     version stands beside it, renamed back into place (with a warning) when the kill came between the two
     renames. Each action is logged with its size. Call it while holding :func:`lock`.
     """
     removed = []
+    if storage.is_remote(path):
+        return removed
     for dirpath, dirnames, filenames in os.walk(path):
         for name in sorted(dirnames + filenames):
             match = TEMPORARY_PATTERN.match(name) or LEGACY_TEMPORARY_PATTERN.match(name)

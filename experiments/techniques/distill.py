@@ -28,6 +28,7 @@ float32 [N, max_length, C]; soft and gold terms are means over real words (``wor
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 
 import jax
@@ -43,6 +44,7 @@ from experiments.data import Split
 from experiments.runtime import evaluation, fingerprint, observe, trainer
 from experiments.runtime.config_validation import ConfigError
 from experiments.techniques.base import Run, Technique
+from models import storage
 
 TEACHER = "teacher"  # TrainState.extras key of a live teacher's frozen params
 MODES = ("auto", "cached", "live")
@@ -177,8 +179,8 @@ def transfer_key(teacher_params, splits: list[Split]) -> str:
 def cached_teacher_logits(path: str, key: str, compute, shape: tuple[int, ...]) -> np.ndarray:
     """Loads ``path`` if it holds logits of ``shape`` for ``key`` (:func:`transfer_key`), else computes them
     with ``compute()`` and writes them atomically."""
-    if os.path.exists(path):
-        with np.load(path) as cached:
+    if storage.exists(path):
+        with np.load(io.BytesIO(storage.read_bytes(path))) as cached:
             old_key = str(cached["key"]) if "key" in cached.files else None
             if old_key == key and cached["logits"].shape == tuple(shape):
                 return cached["logits"]
@@ -187,7 +189,7 @@ def cached_teacher_logits(path: str, key: str, compute, shape: tuple[int, ...]) 
                             key[:12])
     logits = compute()
     if observe.is_writer():
-        with models.io.atomic_file(path) as tmp:
+        with storage.atomic_file(path) as tmp:
             np.savez(tmp, logits=logits, key=np.array(key))
     return logits
 

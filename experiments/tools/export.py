@@ -129,7 +129,7 @@ def export_model_dir(model_dir: str, out_dir: str, precisions: Sequence[str] = (
         accepts).
     """
     from compression import quantization as q
-    from models.io import atomic_directory
+    from models.storage import atomic_directory
 
     precisions = list(dict.fromkeys(precisions))
     unknown = [p for p in precisions if p not in PRECISIONS]

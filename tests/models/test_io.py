@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import models
-from models import io
+from models import io, storage
 from models.tokenization import Tokenizer
 from models.transformer import Transformer, TransformerConfig
 
@@ -37,7 +37,7 @@ def test_round_trip_restores_model_config_params_and_tokenizer(tmp_path, vocab_d
     params = _params()
     path = models.save(tmp_path / "m", "transformer", CFG, params, tokenizer_dir=vocab_dir,
                        extra={"labels": ["neg", "neu", "pos"]})
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "params.safetensors", "vocab.txt"]
+    assert sorted(p.name for p in path.iterdir()) == ["_COMPLETE", "config.json", "params.safetensors", "vocab.txt"]
     model, config, restored = models.load(path)
     assert isinstance(model, Transformer) and model.config == config == CFG
     assert io.tree_equal(params, restored)
@@ -164,7 +164,7 @@ def test_extra_files_are_published_in_the_same_rename(tmp_path):
     quant = {"scale": np.float32(0.25)}
     write = lambda p: np.savez(p, **quant)
     path = io.save(tmp_path / "m", "transformer", CFG, _params(), extra_files={"quant_state.npz": write})
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "params.safetensors", "quant_state.npz"]
+    assert sorted(p.name for p in path.iterdir()) == ["_COMPLETE", "config.json", "params.safetensors", "quant_state.npz"]
     with np.load(path / "quant_state.npz") as data:
         assert data.files == ["scale"] and float(data["scale"]) == 0.25
     # A writer that fails leaves the published directory as it was: old params, no new file.
@@ -223,6 +223,6 @@ def test_a_kill_during_a_qat_save_leaves_no_model_and_the_next_start_cleans_up(t
         proc.kill()
     assert not target.exists()
     leftovers = [p.name for p in (tmp_path / "run").iterdir()]
-    assert len(leftovers) == 1 and io.TEMPORARY_PATTERN.match(leftovers[0])  # the killed write, recognisable
+    assert len(leftovers) == 1 and storage.TEMPORARY_PATTERN.match(leftovers[0])  # the killed write, recognisable
     removed = workdir.remove_stale_temporaries(tmp_path / "run")
     assert len(removed) == 1 and list((tmp_path / "run").iterdir()) == []

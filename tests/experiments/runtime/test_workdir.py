@@ -14,7 +14,7 @@ import pytest
 
 from experiments.runtime import workdir
 from experiments.runtime.workdir import WorkdirBusyError
-from models import io
+from models import io, storage
 from tests.multidevice import REPO
 
 HOLD = """
@@ -71,16 +71,16 @@ def test_lock_is_reentrant_in_one_process_and_disabled_is_a_no_op(tmp_path):
 def test_stale_temporaries_are_removed_and_a_parked_old_version_restored(tmp_path, caplog):
     # A model directory, then what killed writes leave beside it and one level down.
     io.save(tmp_path / "model", "transformer", _cfg(), _params())
-    killed_dir = io.temporary_path(tmp_path / "model")
+    killed_dir = storage.temporary_path(tmp_path / "model")
     killed_dir.mkdir()
     (killed_dir / "params.safetensors").write_bytes(b"\0" * 2_500_000)
     (tmp_path / "stage").mkdir()
-    killed_file = io.temporary_path(tmp_path / "stage" / "results.json")
+    killed_file = storage.temporary_path(tmp_path / "stage" / "results.json")
     killed_file.write_text("{")
     legacy = tmp_path / ".model.tmp-ab_cd12x"  # the mkdtemp name of the older atomic_directory
     legacy.mkdir()
     # A replacement killed between its two renames: only the parked old version of "ner" is left.
-    parked = io.temporary_path(tmp_path / "ner", "old")
+    parked = storage.temporary_path(tmp_path / "ner", "old")
     io.save(parked, "transformer", _cfg(), _params())
     # Names that merely look similar are left alone.
     keep = [tmp_path / ".tmp-notahex.x", tmp_path / "tmp-0123abcd.x", tmp_path / "metrics.jsonl.old-20260101"]
@@ -111,12 +111,12 @@ def test_atomic_writers_use_the_shared_temporary_pattern(tmp_path, monkeypatch):
     io.save(tmp_path / "m", "transformer", _cfg(), _params(), overwrite=True)
     (new1, m1), (m2, parked), (new2, m3) = seen  # new -> m; then m -> parked old, new -> m
     assert m1 == m2 == m3 == "m"
-    kinds = [(io.TEMPORARY_PATTERN.match(n)["kind"], io.TEMPORARY_PATTERN.match(n)["name"])
+    kinds = [(storage.TEMPORARY_PATTERN.match(n)["kind"], storage.TEMPORARY_PATTERN.match(n)["name"])
              for n in (new1, parked, new2)]
     assert kinds == [("tmp", "m"), ("old", "m"), ("tmp", "m")]
-    with io.atomic_file(tmp_path / "logits.npz") as tmp:
+    with storage.atomic_file(tmp_path / "logits.npz") as tmp:
         np.savez(tmp, x=np.zeros(2))  # keeps the name: np.savez appends .npz only to names without it
-        assert io.TEMPORARY_PATTERN.match(tmp.name)["name"] == "logits.npz"
+        assert storage.TEMPORARY_PATTERN.match(tmp.name)["name"] == "logits.npz"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logits.npz", "m"]
 
 

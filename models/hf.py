@@ -47,6 +47,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from models.io import copy_files, tokenizer_files
+from models import storage
 from models.storage import atomic_directory
 from models.transformer import Transformer, TransformerConfig
 
@@ -318,6 +319,9 @@ def load_bert(path: str | os.PathLike, head: str = "auto", num_labels: int | Non
         checkpoint's and the expected shape); an untied MLM decoder; a needed fresh head without ``init_key``.
       FileNotFoundError: no config.json or no safetensors weights.
     """
+    if storage.is_remote(path):  # a checkpoint in a bucket: read from a local download
+        with storage.local_copy(path) as local:
+            return load_bert(local, head, num_labels, init_key, return_report=return_report)
     path = Path(path)
     if head not in HEADS:
         raise ValueError(f"head {head!r} is not allowed; allowed: {', '.join(HEADS)}")

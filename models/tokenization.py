@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
+
+from models import storage
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +93,14 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
-        """Reads the tokenizer of a checkpoint / model directory (tokenizer.json, else vocab.txt)."""
+        """Reads the tokenizer of a checkpoint / model directory (tokenizer.json, else vocab.txt; local, or
+        downloaded from a gs:// URL)."""
+        if storage.is_remote(path):  # only its tokenizer files are downloaded, not the model's weights
+            from models.io import copy_files, tokenizer_files
+
+            with tempfile.TemporaryDirectory(prefix="nlpress-tokenizer-") as local:
+                copy_files(tokenizer_files(path), local)
+                return cls.from_dir(local)
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"tokenizer directory {path} does not exist")

@@ -47,6 +47,7 @@ from experiments.data.features import encode_sequences, encode_tagged
 from experiments.data.readers import RawSplit, infer_label_values, label_ids, read_conll, read_delimited, read_jsonl
 from experiments.data.subwords import SubwordTokenizer, as_subword_tokenizer
 from experiments.data.vocab import CharVocab, WordVocab
+from models import storage
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,11 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, tokenizer
     buckets = _check_buckets(buckets, max_length)
     sub = as_subword_tokenizer(tokenizer) if tokenizer is not None else None
 
-    raw_train, raw_dev, values, label_names = _raw_task(name, data_dir, seed, synthetic_size)
+    if data_dir is not None and storage.is_remote(data_dir):  # a bucket's data folder is read from a local copy
+        with storage.local_copy(data_dir) as local:
+            raw_train, raw_dev, values, label_names = _raw_task(name, local, seed, synthetic_size)
+    else:
+        raw_train, raw_dev, values, label_names = _raw_task(name, data_dir, seed, synthetic_size)
     raws = {"train": raw_train, "dev": raw_dev}
     if selection is not None:
         raw_train, raws["selection"] = carve_selection(raw_train, selection)

@@ -20,6 +20,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from models import storage
+
 PAD_ID = 0
 UNK_ID = 1
 
@@ -72,16 +74,14 @@ class _Vocab:
         return cls(units=cls.specials + tuple(ranked), lower=lower)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes ``{"kind", "lower", "units"}`` as JSON."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"kind": self.kind, "lower": self.lower, "units": list(self.units)}, f,
-                      ensure_ascii=False)
+        """Writes ``{"kind", "lower", "units"}`` as JSON (atomically; ``path`` may be a gs:// URL)."""
+        storage.write_text(path, json.dumps({"kind": self.kind, "lower": self.lower, "units": list(self.units)},
+                                            ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | os.PathLike):
         """Reads a file written by :meth:`save`; the kind must match the class."""
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(storage.read_text(path))
         if not isinstance(data, dict) or data.get("kind") != cls.kind:
             raise ValueError(f"{path}: not a {cls.kind} vocabulary file (kind={data.get('kind')!r})"
                              if isinstance(data, dict) else f"{path}: not a vocabulary file")

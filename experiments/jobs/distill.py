@@ -40,7 +40,7 @@ from experiments.data.features import encode_sequences, encode_tagged
 from experiments.data.readers import RawSplit
 from experiments.data.vocab import CharVocab, WordVocab
 from experiments.jobs.train import with_index
-from experiments.runtime import evaluation, loop, selection
+from experiments.runtime import evaluation, loop, observe, selection
 from experiments.runtime.config_validation import ConfigError
 from experiments.techniques.base import Run
 from models.bilstm import BiLSTMConfig
@@ -254,10 +254,10 @@ def build(config, workdir: str, key) -> Run:
     tokenizer_dir = teacher_dir
     if word_level:
         tokenizer_dir = os.path.join(workdir, "vocab")
-        os.makedirs(tokenizer_dir, exist_ok=True)
-        task.word_vocab.save(os.path.join(tokenizer_dir, "word_vocab.json"))
-        if tagger:
-            task.char_vocab.save(os.path.join(tokenizer_dir, "char_vocab.json"))
+        if observe.is_writer():  # read back by the same process when it saves the model
+            task.word_vocab.save(os.path.join(tokenizer_dir, "word_vocab.json"))
+            if tagger:
+                task.char_vocab.save(os.path.join(tokenizer_dir, "char_vocab.json"))
     steps_per_epoch, total_steps = loop.run_length(config, train)
     return Run(config=config, workdir=workdir, task=task, model_task=model_task, train=train,
                teacher_rows=[task.train] + extras, family=s.family, model_cfg=student_cfg,

@@ -13,7 +13,13 @@ paths excluded), of the content of the files it reads from outside the workdir (
 of its sources' keys, so it changes when any of those or any earlier stage it depends on changes. A stage whose
 ``results.json`` parses, whose model exists and whose recorded key is the current one is skipped on a rerun; one
 whose key changed is moved aside (``<stage>.stale-<time>``, nothing is deleted) and runs again, and so does every
-stage after it that depends on it; an interrupted stage resumes from its checkpoints. ``WORKDIR/recipe.json``
+stage after it that depends on it; an interrupted stage resumes from its checkpoints. The workdir may be a
+``gs://`` URL (:mod:`models.storage`: a model directory counts only once its completion marker is written).
+
+In a multi-host run every process runs the recipe: process 0 decides what is done and tells the others, writes
+the shared files (``recipe.json``, ``stage.json``, the report) and runs the single-process stages (prune,
+quantize, export) while the others wait; the processes meet at a barrier after each stage, before anyone reads
+what it wrote. ``WORKDIR/recipe.json``
 records the recipe: running a different recipe in the same workdir is an error before any stage runs, as is a recipe
 whose stages do not fit together (a source that is not an earlier stage, a source family the stage's job does not
 accept, a stage config its job's schema rejects). At the end the report (:mod:`experiments.tools.report`) measures
@@ -27,11 +33,15 @@ import json
 import os
 import time
 
+import jax
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from experiments.jobs import registry
 from experiments.runtime import config_validation, fingerprint, observe
+from models import storage
 
 STAGE_FILE = "stage.json"  # written into a stage's folder when it finishes: the key it ran with
 
@@ -89,15 +99,15 @@ def _recipe_record(config, names) -> dict:
 
 def _claim_workdir(workdir: str, record: dict) -> None:
     path = os.path.join(workdir, "recipe.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if storage.exists(path):
+        old = json.loads(storage.read_text(path))
         if old != record:
             raise RecipeError(f"{workdir} holds a different recipe ({old['stages']} on {old['task']}); use a new "
                               f"workdir for {record['stages']} on {record['task']}")
         return
-    os.makedirs(workdir, exist_ok=True)
-    observe.write_json(path, record)
+    if observe.is_writer():
+        storage.makedirs(workdir)
+        observe.write_json(path, record)
 
 
 def read_results(stage_dir: str) -> dict | None:
@@ -117,12 +127,13 @@ def _external_inputs(stage_config, workdir: str) -> dict[str, str]:
     out = {}
     for field in PATH_FIELDS:
         value = stage_config.get(field)
-        if not isinstance(value, str) or not value or not os.path.exists(value):
+        if not isinstance(value, str) or not value or not storage.exists(value):
             continue
-        if os.path.abspath(value).startswith(os.path.abspath(workdir) + os.sep):
+        if storage.absolute(value).startswith(storage.absolute(workdir) + "/"):
             continue
         files = fingerprint.file_fingerprint([value])
-        relative = {os.path.relpath(k, value) if k != value else os.path.basename(k): v for k, v in files.items()}
+        relative = {storage.relative_to(k, value) if k != value else os.path.basename(k): v
+                    for k, v in files.items()}
         out[field] = hashlib.sha256(json.dumps(relative, sort_keys=True).encode()).hexdigest()
     return out
 
@@ -143,32 +154,46 @@ def stage_keys(config, names: list[str], workdir: str = "") -> dict[str, str]:
 
 def recorded_key(stage_dir: str) -> str | None:
     try:
-        with open(os.path.join(stage_dir, STAGE_FILE)) as f:
-            return json.load(f)["key"]
-    except (FileNotFoundError, ValueError, KeyError):
+        return json.loads(storage.read_text(os.path.join(stage_dir, STAGE_FILE)))["key"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
 
 
 def is_done(stage_dir: str, job: registry.Job, stage_config, key: str | None = None) -> bool:
-    """A stage is finished when its results.json parses, its model directory exists and (given ``key``) the
-    key it recorded when it finished is ``key``."""
+    """A stage is finished when its results.json parses, its model directory is complete (on a bucket: marked)
+    and (given ``key``) the key it recorded when it finished is ``key``."""
     if read_results(stage_dir) is None or (key is not None and recorded_key(stage_dir) != key):
         return False
     if job.family(stage_config) is None:
         return True
-    return os.path.exists(os.path.join(job.model_dir(stage_dir, stage_config), "config.json"))
+    model_dir = job.model_dir(stage_dir, stage_config)
+    return storage.is_complete(model_dir) and storage.is_file(os.path.join(model_dir, "config.json"))
 
 
 def _set_aside(stage_dir: str) -> str:
     """Moves a stage's outputs of an earlier config aside (never deleted); returns the new path."""
     aside = f"{stage_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(stage_dir, aside)
+    storage.move(stage_dir, aside)
     return aside
+
+
+def _sync(name: str) -> None:
+    """A barrier of all processes of a multi-host run (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _process0_says(value: bool) -> bool:
+    """Process 0's ``value`` on every process: the processes must take the same branch (run or skip a
+    stage) even when a file changes between their reads."""
+    if jax.process_count() == 1:
+        return value
+    return bool(multihost_utils.broadcast_one_to_all(np.array(value)))
 
 
 def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the recipe's unfinished stages in order, then the report; returns ``{stage: results}``."""
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     names = check_recipe(config, workdir)
     view = registry.RecipeView(config, workdir, tuple(names))
     for name in names:  # every stage config linked and validated before any stage runs
@@ -182,25 +207,29 @@ def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise config_validation.ConfigError(f"stage {name!r}: {e}") from e
     _claim_workdir(workdir, _recipe_record(config, names))
     keys = stage_keys(config, names, workdir)
+    writer = observe.is_writer()
     out = {}
     for i, name in enumerate(names):
         stage_dir = os.path.join(workdir, name)
         stage = config[name]
         job = registry.JOBS[stage.kind]
-        if is_done(stage_dir, job, stage.config, keys[name]):
+        if _process0_says(is_done(stage_dir, job, stage.config, keys[name])):
             logging.info("[%d/%d] %s (%s): done, skipped", i + 1, len(names), name, stage.kind)
         else:
             old = recorded_key(stage_dir)
-            if old is not None and old != keys[name]:
+            if writer and old is not None and old != keys[name]:
                 logging.warning("[%d/%d] %s: its config or an earlier stage it depends on changed; the old outputs "
                                 "move to %s and the stage runs again", i + 1, len(names), name, _set_aside(stage_dir))
+            _sync(f"recipe_{name}_ready")  # nobody resumes from a folder being moved aside
             logging.info("[%d/%d] %s (%s): running in %s", i + 1, len(names), name, stage.kind, stage_dir)
             start = time.time()
             job.run(stage.config, stage_dir)
-            observe.write_json(os.path.join(stage_dir, STAGE_FILE), {"key": keys[name], "kind": stage.kind})
+            if writer:
+                observe.write_json(os.path.join(stage_dir, STAGE_FILE), {"key": keys[name], "kind": stage.kind})
             logging.info("[%d/%d] %s finished in %.1f s", i + 1, len(names), name, time.time() - start)
+        _sync(f"recipe_{name}_done")
         out[name] = read_results(stage_dir)
-    if config.report.enabled:
+    if config.report.enabled and writer:
         from experiments.tools import report
         # this recipe's stages in order (not every folder: outputs set aside as *.stale-* are not in the report)
         report.build_report([os.path.join(workdir, n) for n in names], workdir, reference=names[0],
@@ -208,4 +237,5 @@ def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             seq=config.report.seq, rounds=config.report.rounds,
                             title=f"Compression report: {config.task}")
         logging.info("report: %s (and report.html, plots)", os.path.join(workdir, "report.md"))
+    _sync("recipe_report_done")
     return out

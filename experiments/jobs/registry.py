@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from experiments.runtime import config_validation
+from models import storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,8 @@ class Job:
       model_subdir: ``config -> directory name`` of the model it writes (default ``model``).
       check: ``config -> None``, raising ConfigError: the job's own checks that need no work (paths exist,
         devices divide the batch), run with validation, before the workdir is created.
+      single_process: a job without collectives (pruning, PTQ, export): in a multi-host run process 0 runs
+        it and writes its files while the others wait at a barrier, then read its ``results.json``.
     """
 
     name: str
@@ -94,6 +97,7 @@ class Job:
     reference: Callable | None = None
     model_subdir: Callable[[Any], str] = lambda config: "model"
     check: Callable[[Any], None] | None = None
+    single_process: bool = False
 
     @property
     def module(self):
@@ -120,17 +124,27 @@ class Job:
             from experiments.jobs import runner
             runner.check_techniques(config, self.family(config))
         writer = jax.process_index() == 0
-        created = not os.path.exists(workdir)
+        created = not storage.exists(workdir)
         try:
             with workdir_lock.lock(workdir, enabled=writer):
                 if writer:
                     workdir_lock.remove_stale_temporaries(workdir)
                 if self.build is not None:
                     return runner.train_and_evaluate(self, config, workdir)
-                return self.run_fn(config, workdir)
+                if not (self.single_process and not writer):
+                    results = self.run_fn(config, workdir)
+            if self.single_process and jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                from experiments.runtime import observe
+                multihost_utils.sync_global_devices(f"{self.name}_done")  # process 0 wrote its files
+                if not writer:
+                    results = observe.read_results(workdir)
+            return results
         except Exception:
             # A run that failed before writing anything (e.g. a check that needs the data) leaves no workdir.
-            if writer and created and os.path.isdir(workdir) and os.listdir(workdir) == [workdir_lock.LOCK_FILE]:
+            if (writer and created and not storage.is_remote(workdir) and os.path.isdir(workdir)
+                    and os.listdir(workdir) == [workdir_lock.LOCK_FILE]):
                 os.remove(os.path.join(workdir, workdir_lock.LOCK_FILE))
                 os.rmdir(workdir)
             raise
@@ -165,10 +179,10 @@ JOBS: dict[str, Job] = {job.name: job for job in (
                                                                    "multitask_and_evaluate"),
         reference=_multitask_reference, check=_lazy("experiments.jobs.multitask", "_check_config"),
         model_subdir=lambda c: f"model_{[t.strip() for t in c.tasks.split(',')][0]}"),
-    Job("prune", "experiments.configs.prune", run_fn=_lazy("experiments.jobs.stages", "prune")),
+    Job("prune", "experiments.configs.prune", run_fn=_lazy("experiments.jobs.stages", "prune"), single_process=True),
     Job("quantize", "experiments.configs.quantize", run_fn=_lazy("experiments.jobs.stages", "quantize"),
-        family=lambda c: None),
-    Job("export", "experiments.configs.export", run_fn=_lazy("experiments.jobs.stages", "export"),
+        family=lambda c: None, single_process=True),
+    Job("export", "experiments.configs.export", run_fn=_lazy("experiments.jobs.stages", "export"), single_process=True,
         family=lambda c: None, accepts=("transformer", "bilstm", "cnn_lstm"), source_fields=(), link=_link_export,
         max_sources=64),
     # A recipe's stages are validated against their own jobs' schemas (experiments.jobs.recipes).

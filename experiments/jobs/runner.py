@@ -39,6 +39,7 @@ from experiments.runtime import config_validation, fingerprint, loop, observe, s
 from experiments.runtime.parallel import DataParallel
 from experiments.techniques import TECHNIQUES
 from experiments.techniques.base import Exported, Run
+from models import storage
 
 
 def check_techniques(config: ml_collections.ConfigDict, family: str) -> None:
@@ -165,7 +166,7 @@ def run_fingerprint(run: Run) -> dict:
         path = run.config.get(field)
         if path:
             files = fingerprint.file_fingerprint([path])
-            relative = {os.path.relpath(name, path) if name != path else os.path.basename(path): entry
+            relative = {storage.relative_to(name, path) if name != path else os.path.basename(path): entry
                         for name, entry in files.items()}
             fp[f"inputs.{field}"] = hashlib.sha256(json.dumps(relative, sort_keys=True).encode()).hexdigest()
     fp.update({f"inputs.{k}": v for k, v in run.fingerprints.items()})
@@ -190,9 +191,9 @@ def prepare(job, config: ml_collections.ConfigDict, workdir: str) -> Run:
     job.validate(config)
     check_techniques(config, job.family(config))
     observe.quiet_library_logs()
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     _check_sizes(config, DataParallel(config.parallelism))
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     init_key, _ = jax.random.split(jax.random.key(config.seed))
     run = job.build(config, workdir, init_key)
     _check_best_metric(config, run)

@@ -15,6 +15,7 @@ from experiments.data import load_task
 from experiments.runtime import evaluation, observe, selection
 from experiments.runtime.config_validation import ConfigError
 from experiments.techniques import qat
+from models import storage
 
 
 def _write_results(workdir: str, results: dict) -> None:
@@ -22,7 +23,7 @@ def _write_results(workdir: str, results: dict) -> None:
 
 
 def _require_model_dir(config) -> str:
-    if not config.model_dir or not os.path.isfile(os.path.join(config.model_dir, models.io.CONFIG_FILE)):
+    if not config.model_dir or not storage.is_file(os.path.join(config.model_dir, models.io.CONFIG_FILE)):
         raise ConfigError(f"config.model_dir={config.model_dir!r} is not a model directory (DIR/model of a job)")
     return config.model_dir
 
@@ -58,7 +59,7 @@ def quantize(config, workdir: str) -> dict:
     fake = evaluation.dev_metrics(q.fake_quant().wrap(model.apply), variables, task, inputs)
     v8 = q.int8_variables(model.apply, variables, calib[0], inputs=inputs)
     real = evaluation.dev_metrics(q.int8().wrap(model.apply), v8, task, inputs)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     qat.save_quant_state(os.path.join(workdir, qat.QUANT_STATE_FILE), variables[q.QUANT])
     name = task.metric_names[0]
     results = {"source_model": model_dir, "calibrator": config.calibrator, "metric_names": task.metric_names,
@@ -95,7 +96,7 @@ def export(config, workdir: str) -> dict:
     results = {"models": {}}
     for name, model_dir in model_dirs.items():
         carried = qat.quant_state_path(model_dir)  # a QAT model carries its own scales
-        path = quant_states.get(name) or (carried if os.path.isfile(carried) else None)
+        path = quant_states.get(name) or (carried if storage.is_file(carried) else None)
         quant_state = qat.load_quant_state(path) if path else None
         wanted = precisions + (["int8"] if quant_state is not None else [])
         report = export_tool.export_model_dir(model_dir, os.path.join(workdir, name), wanted, quant_state=quant_state,
@@ -103,7 +104,7 @@ def export(config, workdir: str) -> dict:
         files = {f: {"max_abs_diff": max(c["max_abs_diff"] for c in r["comparisons"]),
                      "bound": max(c["bound"] for c in r["comparisons"]), "op_counts": r["op_counts"],
                      "precision": f.removeprefix("model_").removesuffix(".onnx"),
-                     "size_mb": os.path.getsize(os.path.join(workdir, name, f)) / 2 ** 20}
+                     "size_mb": storage.size(os.path.join(workdir, name, f)) / 2 ** 20}
                  for f, r in report["files"].items()}
         if config.evaluate:
             _score_onnx_files(config, model_dir, os.path.join(workdir, name), files)

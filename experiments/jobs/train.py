@@ -29,7 +29,7 @@ from experiments.data import Split, TaskData, load_task
 from experiments.runtime import evaluation, loop, observe, selection
 from experiments.runtime.config_validation import ConfigError
 from experiments.techniques.base import Run
-from models import hf
+from models import hf, storage
 from models.transformer import Transformer, TransformerConfig
 
 WORD_LEVEL_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
@@ -57,14 +57,14 @@ def _word_level_tokenizer(task_name: str, config, out_dir: str):
         pre_tokenizers.WhitespaceSplit(),
         pre_tokenizers.Split(tokenizers.Regex(r"\w+(?:'\w+)*|'\w+|[^\w\s]"), behavior="isolated")])
     if observe.is_writer():
-        os.makedirs(out_dir, exist_ok=True)
-        tok.save(os.path.join(out_dir, "tokenizer.json"))
+        with storage.atomic_file(os.path.join(out_dir, "tokenizer.json")) as tmp:
+            tok.save(str(tmp))
     return tok
 
 
 def is_saved_model(path: str | None) -> bool:
     """Whether ``path`` is a model directory written by ``models.save`` (not a Hugging Face checkpoint)."""
-    if not path or not os.path.isfile(os.path.join(path, models.io.CONFIG_FILE)):
+    if not path or not storage.is_file(os.path.join(path, models.io.CONFIG_FILE)):
         return False
     try:
         models.read_meta(path)
@@ -78,7 +78,7 @@ def _load_inputs(config, workdir: str) -> tuple[TaskData, str, int | None]:
     from-scratch word-level tokenizer or ``None`` with a pretrained ``model_dir``)."""
     vocab_size = None
     if config.model_dir:
-        if not os.path.isdir(config.model_dir):
+        if not storage.is_dir(config.model_dir):
             raise FileNotFoundError(f"config.model_dir {config.model_dir} is not a directory")
         tokenizer, tokenizer_dir = config.model_dir, config.model_dir
     else:

@@ -18,7 +18,6 @@ temporary directory and renames it when complete, so a save cut short by a kill 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import zlib
 from typing import Any
@@ -32,6 +31,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from experiments.runtime.parallel import is_key
 from experiments.runtime.trainer import path_str
+from models import storage
 
 PyTree = Any
 
@@ -75,7 +75,7 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)  # a local path or a gs:// URL (Orbax writes both)
         self.best_metric, self.best_mode = best_metric, best_mode
         policies = [checkpoint_managers.LatestN(keep)]
         if best_metric:
@@ -210,8 +210,8 @@ class Checkpointer:
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
             dest = os.path.join(self.directory, "corrupt", f"{step}-{int(time.time())}")
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), dest)
+            storage.makedirs(os.path.dirname(dest))
+            storage.move(os.path.join(self.directory, str(step)), dest)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"checkpoint_quarantine_{step}")
         self._manager.reload()

@@ -30,6 +30,7 @@ import models
 from experiments.data import Split, TaskData, load_task
 from experiments.data.vocab import CharVocab, WordVocab
 from experiments.runtime import metrics, selection, trainer
+from models import storage
 
 TRANSFORMER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TASK_KIND = {"bilstm": "sequence", "cnn_lstm": "token"}  # what the LSTM families predict (Transformer: its head)
@@ -101,7 +102,7 @@ def check_fine_tuned_for(model_dir: str, model_cfg, meta: dict, task: TaskData, 
 
 def _vocab(model_dir: str, cls, file: str):
     path = os.path.join(model_dir, file)
-    if not os.path.isfile(path):
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{model_dir} holds no {file}: a word-level model directory carries the "
                                 "vocabularies it was trained with")
     return cls.load(path)

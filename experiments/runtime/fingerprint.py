@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -26,6 +26,7 @@ from absl import logging
 
 from experiments.runtime.parallel import is_key
 from experiments.runtime.trainer import path_str
+from models import storage
 
 # Config fields that change how a run reports or stores itself but not its trajectory (the parameters after
 # each step): output cadence and verbosity, checkpoint bookkeeping, and the eval batch size (evaluation sums
@@ -86,6 +87,12 @@ def config_fingerprint(config: Any, exclude: Iterable[str] = TRAJECTORY_NEUTRAL)
 
 
 def _file_entry(path: str, hash_limit: int) -> dict[str, Any]:
+    if storage.is_remote(path):
+        size = storage.size(path)
+        if size <= hash_limit:
+            return {"sha256": hashlib.sha256(storage.read_bytes(path)).hexdigest()}
+        info = storage.as_path(path).stat()  # an object is rewritten, never changed in place: new mtime
+        return {"size": size, "mtime": str(info.mtime)}
     st = os.stat(path)
     if st.st_size <= hash_limit:
         with open(path, "rb") as f:
@@ -93,19 +100,33 @@ def _file_entry(path: str, hash_limit: int) -> dict[str, Any]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _walk(path: str) -> Iterator[str]:
+    """The files under directory ``path`` (local or remote), in ``os.walk`` order with sorted names."""
+    if not storage.is_remote(path):
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            yield from (os.path.join(dirpath, name) for name in sorted(filenames))
+        return
+    for name in storage.listdir(path):
+        child = os.path.join(path, name)
+        if storage.is_dir(child):
+            yield from _walk(child)
+        else:
+            yield child
+
+
 def file_fingerprint(paths: Iterable[str | os.PathLike], *,
                      hash_limit: int = HASH_LIMIT_BYTES) -> dict[str, dict[str, Any]]:
     """``{file path: {"sha256": hex}}`` for files up to ``hash_limit`` bytes, ``{"size", "mtime_ns"}`` for
     larger ones (cheap, and any rewrite changes the mtime). A directory contributes every file under it
-    (``dir/sub/file`` keys, sorted). Raises ``FileNotFoundError`` naming a missing path."""
+    (``dir/sub/file`` keys, sorted). Paths may be gs:// URLs. Raises ``FileNotFoundError`` naming a missing
+    path."""
     out: dict[str, dict[str, Any]] = {}
     for p in map(os.fspath, paths):
-        if os.path.isdir(p):
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    out[os.path.join(dirpath, name)] = _file_entry(os.path.join(dirpath, name), hash_limit)
-        elif os.path.isfile(p):
+        if storage.is_dir(p):
+            for file in _walk(p):
+                out[file] = _file_entry(file, hash_limit)
+        elif storage.is_file(p):
             out[p] = _file_entry(p, hash_limit)
         else:
             raise FileNotFoundError(f"cannot fingerprint {p}: no such file or directory")

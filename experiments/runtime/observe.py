@@ -1,6 +1,8 @@
 """What a run tells its user: progress bar, log lines, metrics.jsonl, TensorBoard events, results.json.
 
-Only process 0 writes files and logs metrics; the other processes of a multi-host run stay quiet.
+Only process 0 writes files and logs metrics; the other processes of a multi-host run stay quiet. The workdir may
+be local or in a bucket (``gs://``, :mod:`models.storage`); an object cannot be appended to, so there
+``metrics.jsonl`` is rewritten whole at each record (a few kB: one record per log or eval step).
 TensorBoard event files are written with tensorboardX, so TensorFlow is not needed.
 """
 
@@ -20,7 +22,6 @@ from absl import logging
 
 from experiments.runtime.trainer import path_str
 from models import storage
-from models.storage import atomic_file
 
 
 def is_writer() -> bool:
@@ -91,18 +92,17 @@ def _read_records(path: str) -> list[tuple[int, str]]:
     """The parseable records of a metrics.jsonl file as (step, line ending in a newline); unparseable lines
     (a torn last line is what a kill mid-write leaves) are dropped with a warning naming the file and line."""
     out = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-                step = int(record["step"])
-            except (ValueError, TypeError, KeyError) as e:  # JSON and UTF-8 errors are ValueErrors
-                logging.warning("%s:%d: dropping an unreadable record (%s: %.80r), e.g. torn by a kill",
-                                path, number, type(e).__name__, raw)
-                continue
-            out.append((step, raw.decode("utf-8").rstrip("\n") + "\n"))
+    for number, raw in enumerate(storage.read_bytes(path).splitlines(keepends=True), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+            step = int(record["step"])
+        except (ValueError, TypeError, KeyError) as e:  # JSON and UTF-8 errors are ValueErrors
+            logging.warning("%s:%d: dropping an unreadable record (%s: %.80r), e.g. torn by a kill",
+                            path, number, type(e).__name__, raw)
+            continue
+        out.append((step, raw.decode("utf-8").rstrip("\n") + "\n"))
     return out
 
 
@@ -110,10 +110,10 @@ def _set_aside(path: str) -> str:
     """Renames ``path`` to ``path.old-<timestamp>`` (a fresh suffix if taken); returns the new name."""
     stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
     dest = f"{path}.old-{stamp}"
-    while os.path.exists(dest):
+    while storage.exists(dest):
         n += 1
         dest = f"{path}.old-{stamp}-{n}"
-    os.rename(path, dest)
+    storage.move(path, dest)
     return dest
 
 
@@ -132,14 +132,16 @@ class MetricWriter:
         self.enabled = is_writer()
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        self._lines: list[str] | None = [] if storage.is_remote(workdir) else None  # an object's whole text
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
+        storage.makedirs(workdir)
+        if resume_step is not None and storage.exists(self.path):
             kept = [line for step, line in _read_records(self.path) if step <= resume_step]
-            with atomic_file(self.path) as tmp, open(tmp, "w") as f:
-                f.writelines(kept)
-        elif resume_step is None and os.path.exists(self.path):
+            storage.write_text(self.path, "".join(kept))
+            if self._lines is not None:
+                self._lines = kept
+        elif resume_step is None and storage.exists(self.path):
             old = _set_aside(self.path)
             logging.warning("starting from step 0 in %s, which already holds a metrics log: moved it to %s",
                             workdir, old)
@@ -151,8 +153,12 @@ class MetricWriter:
             return
         record = {"step": int(step), "split": split}
         record.update({k: _finite_or_none(v) for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._lines is None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        else:
+            self._lines.append(json.dumps(record) + "\n")
+            storage.write_text(self.path, "".join(self._lines))
         for k, v in metrics.items():
             self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
@@ -203,7 +209,7 @@ def log_line(step: int, total: int, metrics: Mapping[str, float]) -> None:
 
 def write_json(path: str, record: Mapping[str, Any]) -> None:
     """Writes ``record`` to ``path`` atomically (readers see the old file or the whole new one)."""
-    with atomic_file(path) as tmp, open(tmp, "w") as f:
+    with storage.atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(record, f, indent=2)
 
 
@@ -226,11 +232,10 @@ def read_results(workdir: str) -> dict | None:
     """The parsed ``workdir/results.json``; ``None`` when it is missing, or unreadable (truncated, garbled:
     then with a warning naming it), so that such a run counts as not finished and is run again."""
     path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
+        record = json.loads(storage.read_bytes(path))
     except ValueError as e:  # JSON and UTF-8 errors
         logging.warning("%s is unreadable (%s): treating the run as not finished", path, e)
         return None

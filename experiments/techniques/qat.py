@@ -15,6 +15,7 @@ only what is exported is quantized. With Theseus the saved scales are renamed to
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from compression import quantization as quant
 from compression.quantization.rules import DEFAULT_RULES
 from experiments.runtime import evaluation
 from experiments.techniques.base import Exported, Run, Technique
+from models import storage
 from models.io import flatten_params, unflatten_params
 
 QUANT_STATE_FILE = "quant_state.npz"  # the calibrated "quant" collection saved beside a QAT model's params
@@ -48,13 +50,15 @@ CONSTRAINTS = {"calibration_batches": dict(min=1)}
 
 
 def save_quant_state(path: str, quant_state: Mapping) -> None:
-    """Writes a ``"quant"`` collection as an .npz of flattened ``a/b/c`` keys (see :func:`load_quant_state`)."""
-    np.savez(path, **flatten_params(quant_state))
+    """Writes a ``"quant"`` collection as an .npz of flattened ``a/b/c`` keys (see :func:`load_quant_state`),
+    atomically; ``path`` may be a gs:// URL."""
+    with storage.atomic_file(path) as tmp:
+        np.savez(tmp, **flatten_params(quant_state))
 
 
 def load_quant_state(path: str) -> dict:
     """The nested ``"quant"`` collection from an .npz written by :func:`save_quant_state`."""
-    with np.load(path) as data:
+    with np.load(io.BytesIO(storage.read_bytes(path))) as data:
         flat = {k: data[k] for k in data.files}
     if not flat:
         raise ValueError(f"{path} holds no quantization state")

@@ -31,6 +31,7 @@ import numpy as np
 from absl import flags
 
 import models
+from models import storage
 from compression.export import INT8_VS_FAKE_QUANT, PRECISIONS, ExportError, export, tensorrt
 from experiments.techniques.qat import load_quant_state
 from experiments.tools import cli
@@ -129,7 +130,6 @@ def export_model_dir(model_dir: str, out_dir: str, precisions: Sequence[str] = (
         accepts).
     """
     from compression import quantization as q
-    from models.storage import atomic_directory
 
     precisions = list(dict.fromkeys(precisions))
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -138,15 +138,15 @@ def export_model_dir(model_dir: str, out_dir: str, precisions: Sequence[str] = (
     if "int8" in precisions and calibration is None and quant_state is None:
         raise ExportError("int8 export needs calibration state: give calibration batches (--calib_task/"
                           "--calib_data) or a calibrated/QAT quant collection (--quant_state)")
-    if os.path.exists(out_dir) and not overwrite:
+    if storage.is_complete(out_dir) and not overwrite:
         raise ExportError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     model, config, params = models.load(model_dir)
     family = models.read_meta(model_dir)["family"]
     sig = signature(family, config, batch, seq)
     fn = output_fields(model.apply, outputs)
     variables = {"params": params}
-    report = {"model": os.path.abspath(model_dir), "family": family, "files": {}, "tensorrt": {}}
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    report = {"model": storage.absolute(model_dir), "family": family, "files": {}, "tensorrt": {}}
+    with storage.atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for precision in precisions:
             path = os.path.join(tmp, f"model_{precision}.onnx")
             kw = {}

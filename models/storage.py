@@ -77,15 +77,15 @@ def relative_to(path: str, base: str) -> str:
 
 
 def exists(path: str | os.PathLike) -> bool:
-    return as_path(path).exists()
+    return as_path(path).exists() if is_remote(path) else os.path.exists(path)
 
 
 def is_file(path: str | os.PathLike) -> bool:
-    return as_path(path).is_file()
+    return as_path(path).is_file() if is_remote(path) else os.path.isfile(path)
 
 
 def is_dir(path: str | os.PathLike) -> bool:
-    return as_path(path).is_dir()
+    return as_path(path).is_dir() if is_remote(path) else os.path.isdir(path)
 
 
 def makedirs(path: str | os.PathLike) -> None:

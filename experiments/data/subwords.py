@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import tokenizers
 
+from models import storage
+
 _SPECIAL_NAMES = {
     "cls_id": ("[CLS]", "<s>"),
     "sep_id": ("[SEP]", "</s>"),
@@ -78,10 +80,10 @@ def as_subword_tokenizer(obj) -> SubwordTokenizer:
         return HFTokenizer(obj)
     if isinstance(obj, (str, os.PathLike)):
         path = os.fspath(obj)
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
+        file = os.path.join(path, "tokenizer.json") if storage.is_dir(path) else path
+        if not storage.is_file(file):
             raise FileNotFoundError(f"no tokenizer file: expected {file}")
-        return HFTokenizer(tokenizers.Tokenizer.from_file(file))
+        return HFTokenizer(tokenizers.Tokenizer.from_str(storage.read_text(file)))  # local or gs://
     for attr in _WRAPPER_ATTRS:
         inner = getattr(obj, attr, None)
         if isinstance(inner, tokenizers.Tokenizer):

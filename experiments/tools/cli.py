@@ -4,17 +4,18 @@ Every entry point defines its flags in ``define_flags(fv)`` (called only when it
 importing it defines nothing) and registers a validator per flag with the helpers here: absl runs them when
 it parses the command line, so a bad argument stops the run with ``flag --name=value: why`` before any data
 or model is loaded. ``main(argv, fv=flags.FLAGS)`` then reads ``fv``; :func:`parse` gives tests and notebooks
-a fresh :class:`absl.flags.FlagValues` to pass instead of the global one.
+a fresh :class:`absl.flags.FlagValues` to pass instead of the global one. Path flags may be local paths or
+object-store URLs (``gs://``, :mod:`models.storage`): the checks here read both.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 
 from absl import app, flags
 
 import models
+from models import storage
 
 
 def run_script(define: Callable[[flags.FlagValues], None], run: Callable[[flags.FlagValues], object]) -> None:
@@ -64,13 +65,13 @@ def model_dir(fv: flags.FlagValues, name: str, families: Iterable[str] | None = 
 
 
 def directory(fv: flags.FlagValues, name: str) -> None:
-    """Flag ``name`` must be an existing directory."""
-    check(fv, name, os.path.isdir, "is not a directory")
+    """Flag ``name`` must be an existing directory (local, or a prefix holding objects in a bucket)."""
+    check(fv, name, storage.is_dir, "is not a directory")
 
 
 def file(fv: flags.FlagValues, name: str) -> None:
     """Flag ``name`` must be an existing file."""
-    check(fv, name, os.path.isfile, "is not a file")
+    check(fv, name, storage.is_file, "is not a file")
 
 
 def subset(fv: flags.FlagValues, name: str, known: Iterable[str], *, nonempty: bool = True) -> None:
@@ -120,5 +121,5 @@ def calibrator(fv: flags.FlagValues, name: str) -> None:
 def new_output(fv: flags.FlagValues, name: str, overwrite: str = "overwrite") -> None:
     """Flag ``name`` must not exist unless flag ``overwrite`` is set."""
     flags.register_multi_flags_validator(
-        [name, overwrite], lambda d: d[name] is None or d[overwrite] or not os.path.exists(d[name]),
+        [name, overwrite], lambda d: d[name] is None or d[overwrite] or not storage.exists(d[name]),
         f"--{name} exists; pass --{overwrite} to replace it", flag_values=fv)

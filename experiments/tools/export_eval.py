@@ -14,13 +14,13 @@ model directory).
 
 Every flag is checked when parsed, before anything is loaded: a Transformer model directory, a known task
 name, an existing data folder, the precisions, the calibration method, the numbers, and ``--out`` not existing
-without ``--overwrite``. Nothing is cached: the export is redone on every run.
+without ``--overwrite``. Nothing is cached: the export is redone on every run. Paths may be local or in a bucket
+(``gs://``, :mod:`models.storage`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,11 +28,12 @@ from absl import app, flags
 
 import models
 from compression.export import ExportError
-from experiments.benchmarks.common import print_table, write_json
-from experiments.runtime import evaluation
+from experiments.benchmarks.common import environment, print_table
+from experiments.runtime import evaluation, observe
 from experiments.runtime.metrics import classification_metrics
 from experiments.techniques import qat
 from experiments.tools.export import export_model_dir, onnx_feed
+from models import storage
 
 INPUTS = evaluation.TRANSFORMER_INPUTS
 
@@ -41,7 +42,8 @@ def onnx_logits(path: str, task, batch_size: int):
     """``(logits, batch)`` of an ONNX file (of any family) in onnxruntime (CPU) over ``task.dev``, as
     :func:`experiments.runtime.evaluation.dev_logits` yields them for the JAX model."""
     import onnxruntime as ort
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with storage.local_copy(path) as local:  # the session reads the whole file when made
+        sess = ort.InferenceSession(local, providers=["CPUExecutionProvider"])
     out = [o.name for o in sess.get_outputs()].index("logits")
     names = [i.name for i in sess.get_inputs()]
     for b in task.dev.batches(batch_size, shuffle=False, drop_remainder=False):
@@ -74,7 +76,7 @@ def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: s
         raise ExportError(f"the model has {config.num_labels} labels, task {task!r} has {data.num_labels}")
     qvars = None
     carried = qat.quant_state_path(model_dir)
-    if "int8" in precisions and os.path.isfile(carried):  # a QAT model's own scales: what it trained with
+    if "int8" in precisions and storage.is_file(carried):  # a QAT model's own scales: what it trained with
         qvars = {"params": params, q.QUANT: qat.load_quant_state(carried)}
     elif "int8" in precisions:
         calibration = evaluation.calibration_batches(data.train, INPUTS, calib_batches, batch_size)
@@ -89,7 +91,7 @@ def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: s
                    for name, (fn, v) in jax_models.items()}
     for p in precisions:
         predictions[f"onnx_{p}"] = evaluation.Predictions.collect(
-            onnx_logits(os.path.join(out_dir, f"model_{p}.onnx"), data, batch_size))
+            onnx_logits(storage.join(out_dir, f"model_{p}.onnx"), data, batch_size))
 
     rows = []
     for name, pred in predictions.items():
@@ -102,7 +104,9 @@ def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: s
     result = {"task": task, "dev_examples": n_dev, "rows": rows, "export": report}
     print_table(rows, ["name", "accuracy", *[m for m in ("f1", "mcc") if m in rows[0]], "delta_points", "agreement"],
                 title=f"{task} dev ({n_dev} examples): JAX vs exported ONNX in onnxruntime")
-    write_json(os.path.join(out_dir, "eval.json"), result)
+    path = storage.join(out_dir, "eval.json")
+    observe.write_json(path, {"environment": environment(), **result})  # atomic, local or remote
+    print(f"wrote {path}")
     return result
 
 

@@ -27,12 +27,12 @@ minutes (13 variants; XLA on CPU runs 16-bit matmuls slower than float32).
 
 Every flag is checked when parsed (a Transformer model directory, the data folder, a known task name, the
 variant names, the numbers), and the task and ``max_length`` the model directory records before the data is
-read. Nothing is cached: every variant's dev pass is redone on every run.
+read. Nothing is cached: every variant's dev pass is redone on every run. Paths may be local or in a bucket
+(``gs://``, :mod:`models.storage`).
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -43,8 +43,9 @@ from compression import precision
 from compression.sites import ISLAND_KINDS
 from experiments.benchmarks import common
 from experiments.data import TaskData
-from experiments.runtime import evaluation
+from experiments.runtime import evaluation, observe
 from experiments.tools import cli
+from models import storage
 
 LOW = ("bfloat16", "float16")
 
@@ -140,11 +141,13 @@ def run(fv: flags.FlagValues) -> dict:
              "max_abs_logit_diff": r["max_abs_logit_diff"], "prediction_changes": r["prediction_changes"]}
             for name, r in results.items()]
     common.print_table(rows, ["variant", key, "delta_points", "max_abs_logit_diff", "prediction_changes"],
-                       f"{task.name} dev, {os.path.abspath(fv.model_dir)} (islands: float32 unless '-kind' "
+                       f"{task.name} dev, {storage.absolute(fv.model_dir)} (islands: float32 unless '-kind' "
                        "turns one off)")
-    payload = {"model_dir": os.path.abspath(fv.model_dir), "task": task.name, "dev_examples": len(task.dev),
+    payload = {"model_dir": storage.absolute(fv.model_dir), "task": task.name, "dev_examples": len(task.dev),
                "max_length": max_length, "metric": key, "results": results}
-    common.write_json(fv.out, payload)
+    if fv.out:
+        observe.write_json(fv.out, {"environment": env, **payload})  # atomic, local or remote
+        print(f"wrote {fv.out}")
     return payload
 
 

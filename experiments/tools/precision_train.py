@@ -29,14 +29,13 @@ Every flag is checked when parsed, before any training: the config file and each
 or a value of the wrong type fails naming it), the variant names and the seeds. What a rerun reuses: each run
 is a fine-tuning run in its own folder, which resumes from that folder's checkpoints, so rerunning the
 same command after an interruption continues each run instead of starting it over; the table and JSON are
-rebuilt from the runs.
+rebuilt from the runs. ``--workdir`` may be local or in a bucket (``gs://``, :mod:`models.storage`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 import warnings
 
@@ -46,7 +45,9 @@ from ml_collections import config_flags
 
 from experiments.benchmarks import common
 from experiments.configs import finetune
+from experiments.runtime import observe
 from experiments.tools import cli
+from models import storage
 
 VARIANTS = {  # name -> (config.precision, config.loss_scale.dynamic)
     "float32": ("float32", False),
@@ -57,8 +58,8 @@ VARIANTS = {  # name -> (config.precision, config.loss_scale.dynamic)
 
 
 def _train_log(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == "train"]
+    lines = storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
 def _one_run(base, vdir: str, name: str, seed: int) -> dict:
@@ -96,7 +97,7 @@ def train_variants(config, workdir: str, names: list[str], seeds: list[int]) -> 
     the dev metric over the seeds that finished, and ``delta_points`` = 100 x (mean - float32's mean)."""
     rows = {}
     for name in names:
-        runs = {seed: _one_run(config, os.path.join(workdir, name, f"seed_{seed}"), name, seed)
+        runs = {seed: _one_run(config, storage.join(workdir, name, f"seed_{seed}"), name, seed)
                 for seed in seeds}
         done = [r for r in runs.values() if "error" not in r]
         row = {"runs": runs, "failed": len(runs) - len(done)}
@@ -147,7 +148,9 @@ def run(fv: flags.FlagValues) -> dict:
                        f"Training precision on {config.task}, seeds {seeds} (dev; delta: mean vs float32's mean, "
                        "in points)")
     payload = {"task": config.task, "seeds": seeds, "config": config.to_dict(), "variants": rows}
-    common.write_json(os.path.join(fv.workdir, "precision_train.json"), payload)
+    path = storage.join(fv.workdir, "precision_train.json")
+    observe.write_json(path, {"environment": common.environment(), **payload})  # atomic, local or remote
+    print(f"wrote {path}")
     return payload
 
 

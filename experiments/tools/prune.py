@@ -21,7 +21,8 @@ What is kept for a rerun: the curve is written to ``OUT_DIR/curve.json`` (with t
 ``OUT_DIR/curve.png`` as soon as it is computed, before the choice; a rerun with the same model (config and
 params file size and mtime), the same encoded task data and the same curve flags (``step``, ``max_fraction``,
 ``importance_examples``, ``seed``, ``batch_size``) reuses it, so trying another ``max_drop`` or target costs
-only the compaction and one dev pass. Nothing else is cached.
+only the compaction and one dev pass. Nothing else is cached. The model directory, the data folder and
+``OUT_DIR`` may be local or in a bucket (``gs://``, :mod:`models.storage`).
 
 Command line (one model directory in, a pruned model directory and the curve out)::
 
@@ -50,6 +51,7 @@ from compression.pruning.site_masks import MASKS, site_masks, unflatten
 from experiments.data import TaskData, load_task
 from experiments.runtime import evaluation, observe, selection, trainer
 from experiments.tools import cli
+from models import storage
 
 INPUTS = evaluation.TRANSFORMER_INPUTS
 
@@ -168,14 +170,22 @@ CURVE_DEFAULTS = {k: p.default for k, p in inspect.signature(head_pruning_curve)
                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def _size_and_mtime(path: str) -> tuple[int, int]:
+    """A file's size and modification time (ns on a disk; an object's upload time, in s, in a bucket)."""
+    if storage.is_remote(path):
+        stat = storage.as_path(path).stat()
+        return stat.length, stat.mtime
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
 def curve_fingerprint(model_dir: str, task: TaskData, **curve_kwargs) -> str:
     """A key of everything the curve depends on: the model directory's config.json and its params file's size
     and mtime, the task's encoded examples (so data files, tokenizer and max_length), and the curve flags."""
     h = hashlib.sha256()
-    with open(os.path.join(model_dir, models.io.CONFIG_FILE), "rb") as f:
-        h.update(f.read())
-    stat = os.stat(os.path.join(model_dir, models.io.PARAMS_FILE))
-    h.update(f"{stat.st_size}:{stat.st_mtime_ns}:{task.name}".encode())
+    h.update(storage.read_bytes(storage.join(model_dir, models.io.CONFIG_FILE)))
+    size, mtime = _size_and_mtime(storage.join(model_dir, models.io.PARAMS_FILE))
+    h.update(f"{size}:{mtime}:{task.name}".encode())
     for split in (task.train, task.dev, task.choice_split):
         h.update(np.asarray(split.labels).tobytes())
         for key in sorted(split.features.ragged):
@@ -202,19 +212,17 @@ def save_curve(out_dir: str, curve: list[PruningStep], dev: list[float], fingerp
                "points": [{"fraction_pruned": p.fraction_pruned, "heads_pruned": p.heads_pruned, "metric": p.metric,
                            "dev_metric": d, "masks": {k: np.asarray(m).tolist() for k, m in p.masks.items()}}
                           for p, d in zip(curve, dev, strict=True)]}
-    os.makedirs(out_dir, exist_ok=True)
-    observe.write_json(os.path.join(out_dir, "curve.json"), payload)
-    _plot_curve(curve, dev, metric_name, chosen_on, os.path.join(out_dir, "curve.png"))
+    observe.write_json(storage.join(out_dir, "curve.json"), payload)
+    _plot_curve(curve, dev, metric_name, chosen_on, storage.join(out_dir, "curve.png"))
 
 
 def load_curve(out_dir: str, fingerprint: str) -> tuple[list[PruningStep], list[float]] | None:
     """``(curve, dev metrics)`` as :func:`save_curve` wrote them into ``out_dir`` if its fingerprint is
     ``fingerprint``, else None."""
-    path = os.path.join(out_dir, "curve.json")
-    if not os.path.isfile(path):
+    path = storage.join(out_dir, "curve.json")
+    if not storage.is_file(path):
         return None
-    with open(path) as f:
-        payload = json.load(f)
+    payload = json.loads(storage.read_text(path))
     if payload.get("fingerprint") != fingerprint:
         logging.info("%s was computed for another model, data or curve flags: recomputing", path)
         return None
@@ -239,7 +247,8 @@ def _plot_curve(curve: list[PruningStep], dev: list[float], metric_name: str, ch
     ax.set_ylabel(metric_name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with storage.atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -250,7 +259,7 @@ def pruning_curve(model_dir: str, task: TaskData, out_dir: str,
     key = curve_fingerprint(model_dir, task, **curve_kwargs)
     cached = load_curve(out_dir, key)
     if cached is not None:
-        logging.info("reusing the pruning curve in %s", os.path.join(out_dir, "curve.json"))
+        logging.info("reusing the pruning curve in %s", storage.join(out_dir, "curve.json"))
         return cached
     model, _, params = models.load(model_dir)
     curve, _, _ = head_pruning_curve(model, params, task, **curve_kwargs)
@@ -303,10 +312,10 @@ def prune_and_compact(model_dir: str, task: TaskData, out_dir: str, *, max_drop:
         "final": compacted, "best": compacted, "heads_per_layer": [new_cfg.heads(i) for i in range(new_cfg.num_layers)],
         "total_heads": total, "source_model": model_dir, "task": task.name,
     }
-    models.save(os.path.join(out_dir, "model"), "transformer", new_cfg, new_params, tokenizer_dir=model_dir,
+    models.save(storage.join(out_dir, "model"), "transformer", new_cfg, new_params, tokenizer_dir=model_dir,
                 overwrite=True, extra={**meta, "pruned_from": model_dir, "eval": compacted,
                                        "heads_pruned": chosen.heads_pruned})
-    observe.write_json(os.path.join(out_dir, "results.json"), results)  # written last: the stage is done
+    observe.write_json(storage.join(out_dir, "results.json"), results)  # written last: the stage is done
     return results
 
 

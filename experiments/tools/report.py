@@ -15,6 +15,7 @@ Command line, over the stage folders of one recipe workdir or several runs::
 
 The run directories, ``--reference`` (one of them, or a stage folder's name inside one) and the numbers are
 checked before any model is loaded. Nothing is cached: the measurement is the point, so every run times anew.
+Run directories and ``--out_dir`` may be local or in a bucket (``gs://``, :mod:`models.storage`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from absl import app, flags, logging
 
 import models
 from experiments.benchmarks import common
-from experiments.runtime import trainer
+from experiments.runtime import observe, trainer
+from models import storage
 
 
 @dataclasses.dataclass
@@ -61,8 +63,13 @@ class Entry:
     ratio: float | None = None
 
 
+def _tree_bytes(path) -> int:
+    """Bytes of the files under directory ``path`` (local or remote)."""
+    return sum(_tree_bytes(c) if c.is_dir() else storage.size(c) for c in storage.as_path(path).iterdir())
+
+
 def _dir_size_mb(path: str) -> float:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 2 ** 20
+    return _tree_bytes(path) / 2 ** 20
 
 
 def _metric(results: dict, model_eval: dict | None = None) -> tuple[str | None, float | None]:
@@ -86,34 +93,34 @@ def _chosen_on(results: dict, model_extra: dict) -> str:
 
 def _stage_dirs_without_model(run: str) -> list[str]:
     """Stage folders of a recipe workdir with results.json but no model/ (quantize, export)."""
-    if os.path.isdir(os.path.join(run, "model")):
+    if storage.is_dir(storage.join(run, "model")):
         return []
-    return sorted(os.path.join(run, d) for d in os.listdir(run)
-                  if os.path.isfile(os.path.join(run, d, "results.json"))
-                  and not os.path.isdir(os.path.join(run, d, "model")))
+    return sorted(storage.join(run, d) for d in storage.listdir(run)
+                  if storage.is_file(storage.join(run, d, "results.json"))
+                  and not storage.is_dir(storage.join(run, d, "model")))
 
 
 def collect(run_dirs: list[str]) -> list[Entry]:
     """Entries for every ``run_dir`` that holds ``model/`` (or a recipe workdir's stage folders that do)."""
     entries = []
     for run in run_dirs:
-        if os.path.isfile(os.path.join(run, "results.json")) and not os.path.isdir(os.path.join(run, "model")):
+        if storage.is_file(storage.join(run, "results.json")) and not storage.is_dir(storage.join(run, "model")):
             entries.extend(_stage_rows(run))
             continue
-        if not os.path.isdir(run):
+        if not storage.is_dir(run):
             raise FileNotFoundError(f"{run} is not a directory")
-        candidates = [run] if os.path.isdir(os.path.join(run, "model")) else sorted(
-            os.path.join(run, d) for d in os.listdir(run) if os.path.isdir(os.path.join(run, d, "model")))
+        candidates = [run] if storage.is_dir(storage.join(run, "model")) else sorted(
+            storage.join(run, d) for d in storage.listdir(run) if storage.is_dir(storage.join(run, d, "model")))
         if not candidates and not _stage_dirs_without_model(run):
             raise FileNotFoundError(f"{run} holds no model/ directory (nor stage folders with one)")
         for c in candidates:
-            results_path = os.path.join(c, "results.json")
-            results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-            model, cfg, params = models.load(os.path.join(c, "model"))
-            extra = models.read_meta(os.path.join(c, "model")).get("extra", {})
+            results_path, model_dir = storage.join(c, "results.json"), storage.join(c, "model")
+            results = json.loads(storage.read_text(results_path)) if storage.exists(results_path) else {}
+            model, cfg, params = models.load(model_dir)
+            extra = models.read_meta(model_dir).get("extra", {})
             name, value = _metric(results, extra.get("eval"))
-            entries.append(Entry(os.path.basename(os.path.normpath(c)), c, os.path.join(c, "model"), cfg.family,
-                                 name, value, common.param_count(params), _dir_size_mb(os.path.join(c, "model")),
+            entries.append(Entry(os.path.basename(os.path.normpath(c)), c, model_dir, cfg.family,
+                                 name, value, common.param_count(params), _dir_size_mb(model_dir),
                                  chosen_on=_chosen_on(results, extra), apply=model.apply,
                                  variables={"params": params}))
         for c in _stage_dirs_without_model(run):
@@ -137,8 +144,7 @@ def _unique_names(entries: list[Entry]) -> list[Entry]:
 
 def _stage_rows(stage_dir: str) -> list[Entry]:
     """The rows of a stage that saved no model: int8 variants (quantize) and ONNX files (export)."""
-    with open(os.path.join(stage_dir, "results.json")) as f:
-        results = json.load(f)
+    results = json.loads(storage.read_text(storage.join(stage_dir, "results.json")))
     return collect_variants(stage_dir, results) + collect_onnx(stage_dir, results)
 
 
@@ -153,9 +159,9 @@ def collect_onnx(run_dir: str, results: dict) -> list[Entry]:
         for file, info in sorted(record["files"].items()):
             metric_name, metric = _metric({"metric_names": meta.get("extra", {}).get("metric_names", [])},
                                           info.get("metrics"))
-            path = os.path.join(run_dir, name, file)
+            path = storage.join(run_dir, name, file)
             out.append(Entry(f"{name} (onnx {info['precision']})", run_dir, record["model_dir"], cfg.family,
-                             metric_name, metric, params, os.path.getsize(path) / 2 ** 20,
+                             metric_name, metric, params, storage.size(path) / 2 ** 20,
                              variant=info["precision"], chosen_on=_chosen_on({}, meta.get("extra", {})),
                              runtime="onnxruntime", onnx_path=path))
     return out
@@ -173,7 +179,7 @@ def collect_variants(run_dir: str, results: dict) -> list[Entry]:
         if v.get("kind") != "int8":
             continue
         model, cfg, params = models.load(v["source_model"])
-        variables = {"params": params, q.QUANT: qat.load_quant_state(os.path.join(run_dir, v["quant_state"]))}
+        variables = {"params": params, q.QUANT: qat.load_quant_state(storage.join(run_dir, v["quant_state"]))}
         sample = _sample_batch(cfg.family, cfg, 2, 16)
         v8 = q.int8_variables(model.apply, variables, sample, inputs=tuple(sample))
         size = sum(x.nbytes for x in jax.tree.leaves(v8)) / 2 ** 20
@@ -217,7 +223,8 @@ def _jax_call(e: Entry, data: dict) -> Callable[[], object]:
 def _onnx_call(e: Entry, data: dict) -> Callable[[], object]:
     import onnxruntime as ort
     from experiments.tools.export import onnx_feed
-    sess = ort.InferenceSession(e.onnx_path, providers=["CPUExecutionProvider"])
+    with storage.local_copy(e.onnx_path) as path:  # the session reads the whole file when made
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feed = onnx_feed(data, [i.name for i in sess.get_inputs()])
     return lambda: sess.run(None, feed)
 
@@ -367,19 +374,20 @@ def metric_figure(entries: list[Entry], reference: Entry, front: set[str], plot:
     return fig
 
 
-def _plots(entries: list[Entry], reference: Entry, out_dir: str, front: set[str]) -> list[str]:
-    """Writes the :data:`PLOTS` PNGs into ``out_dir``; returns their paths."""
+def _plots(entries: list[Entry], reference: Entry, out_dir: str, front: set[str]) -> dict[str, bytes]:
+    """Writes the :data:`PLOTS` PNGs into ``out_dir``; returns ``{file name: PNG bytes}``."""
     import matplotlib.pyplot as plt
 
-    paths = []
+    images = {}
     for plot in PLOTS:
         fig = metric_figure(entries, reference, front, plot)
         if fig is None:
             continue
-        paths.append(os.path.join(out_dir, plot))
-        fig.savefig(paths[-1], dpi=120)
+        with storage.atomic_file(storage.join(out_dir, plot)) as tmp:
+            fig.savefig(tmp, dpi=120)
+            images[plot] = tmp.read_bytes()  # for report.html, which embeds them
         plt.close(fig)
-    return paths
+    return images
 
 
 COLUMNS = ("model", "runtime", "family", "variant", "metric (dev)", "chosen on", "vs teacher", "params", "size MB",
@@ -426,16 +434,15 @@ def hardware_notes(entries: list[Entry], env: dict) -> list[str]:
     return notes
 
 
-def _embedded_image(path: str) -> str:
-    with open(path, "rb") as f:
-        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+def _embedded_image(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def write_report(entries: list[Entry], reference: Entry, out_dir: str, *, batch: int, seq: int,
                  title: str = "Compression report") -> dict:
     """Writes report.md, a self-contained report.html (plots embedded), report.json and the plots into
     ``out_dir``; returns the JSON payload."""
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     env = common.environment()
     for e in entries:
         e.ratio = e.tokens_per_s / reference.tokens_per_s if e.tokens_per_s and reference.tokens_per_s else None
@@ -449,9 +456,8 @@ def write_report(entries: list[Entry], reference: Entry, out_dir: str, *, batch:
     md = [f"# {title}", "", note, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md += [""] + [f"- {n}" for n in notes] + [""]
-    md += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(md))
+    md += [f"![{p}]({p})" for p in plots] + [""]
+    storage.write_text(storage.join(out_dir, "report.md"), "\n".join(md))
     cells = lambda r, tag: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in r)  # noqa: E731
     page = (f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
@@ -459,15 +465,15 @@ def write_report(entries: list[Entry], reference: Entry, out_dir: str, *, batch:
             f"<h1>{html.escape(title)}</h1><p>{html.escape(note)}</p><table><tr>{cells(COLUMNS, 'th')}</tr>"
             + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows) + "</table><ul>"
             + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
-            + "".join(f"<p><img alt='{html.escape(os.path.basename(p))}' src='{_embedded_image(p)}'></p>"
-                      for p in plots) + "</body></html>")
-    with open(os.path.join(out_dir, "report.html"), "w") as f:
-        f.write(page)
+            + "".join(f"<p><img alt='{html.escape(p)}' src='{_embedded_image(png)}'></p>"
+                      for p, png in plots.items()) + "</body></html>")
+    storage.write_text(storage.join(out_dir, "report.html"), page)
     payload = {"reference": reference.name, "batch": batch, "seq": seq, "pareto": sorted(front),
                "environment": env, "notes": notes,
                "models": [{k: v for k, v in dataclasses.asdict(e).items() if k not in ("apply", "variables")}
                           for e in entries]}
-    common.write_json(os.path.join(out_dir, "report.json"), payload)
+    observe.write_json(storage.join(out_dir, "report.json"), payload)  # the environment is in the payload
+    print(f"wrote {storage.join(out_dir, 'report.json')}")
     print("\n".join(md[:len(rows) + 7 + len(notes)]))
     return payload
 
@@ -505,13 +511,13 @@ def check_runs(runs: list[str], reference: str | None) -> None:
     folder inside one (listing folders only: no model is read)."""
     if not runs:
         raise app.UsageError("give one or more run directories (or a recipe workdir)")
-    missing = [r for r in runs if not os.path.isdir(r)]
+    missing = [r for r in runs if not storage.is_dir(r)]
     if missing:
         raise app.UsageError(f"run directories {missing} do not exist")
     if reference is None:
         return
     names = {os.path.normpath(r) for r in runs} | {os.path.basename(os.path.normpath(r)) for r in runs}
-    names |= {d for r in runs for d in os.listdir(r) if os.path.isdir(os.path.join(r, d))}
+    names |= {d for r in runs for d in storage.listdir(r) if storage.is_dir(storage.join(r, d))}
     if reference not in names and os.path.normpath(reference) not in names:
         raise app.UsageError(f"--reference={reference} is neither a run directory given nor a stage folder in one")
 
@@ -521,7 +527,7 @@ def run(fv: flags.FlagValues, runs: list[str]) -> dict:
     check_runs(runs, fv.reference)
     out = fv.out_dir or runs[0]
     payload = build_report(runs, out, reference=fv.reference, batch=fv.batch, seq=fv.seq, rounds=fv.rounds)
-    print(f"report: {os.path.join(out, 'report.md')} and report.html")
+    print(f"report: {storage.join(out, 'report.md')} and report.html")
     return payload
 
 

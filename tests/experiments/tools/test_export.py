@@ -45,7 +45,7 @@ def test_export_model_dir_writes_all_precisions(tmp_path):
     out = tmp_path / "onnx"
     report = export_cli.export_model_dir(str(tmp_path / "model"), str(out), ["fp32", "fp16", "int8"],
                                          calibration=calibration)
-    assert sorted(os.listdir(out)) == ["model_fp16.onnx", "model_fp32.onnx", "model_int8.onnx", "parity.json",
+    assert sorted(os.listdir(out)) == ["_COMPLETE", "model_fp16.onnx", "model_fp32.onnx", "model_int8.onnx", "parity.json",
                                        "tensorrt.sh"]
     assert json.loads((out / "parity.json").read_text())["files"].keys() == {
         "model_fp32.onnx", "model_fp16.onnx", "model_int8.onnx"}

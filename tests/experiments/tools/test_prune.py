@@ -146,3 +146,43 @@ def test_curve_kept_after_a_failure_reused_then_compaction_and_saved_model(tiny_
     kw = {name: jnp.asarray(first[name]) for name in ("attention_mask", "token_type_ids")}
     np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids, **kw).logits),
                                np.asarray(apply_fn(masked, ids, **kw).logits), atol=1e-5)
+
+
+def test_model_and_outputs_in_a_bucket_match_the_same_run_on_disk(tiny_teacher_dir, gcs_bucket, tmp_path,
+                                                                   monkeypatch):
+    """The teacher and OUT_DIR in a bucket: flags checked there before any work, the curve, the plot, the pruned
+    model and results.json written as objects, the same curve and choice as on disk, the curve reused."""
+    import uuid
+
+    from models import storage
+    from tests.models.test_storage import _blob_names
+
+    remote = f"{gcs_bucket[0]}/{uuid.uuid4().hex[:8]}"
+    _, cfg, params = models.load(tiny_teacher_dir)
+    models.save(f"{remote}/teacher", "transformer", cfg, params, tokenizer_dir=tiny_teacher_dir,
+                extra=models.read_meta(tiny_teacher_dir)["extra"])
+    base = [f"--model_dir={remote}/teacher", f"--out_dir={remote}/out"]
+    with pytest.raises(flags.Error, match="--data_dir"):
+        cli.parse(prune.define_flags, base + [f"--data_dir={remote}/no_data"])
+    with pytest.raises(app.UsageError, match="the model has 4 heads"):  # config.json read from the bucket
+        prune.run(cli.parse(prune.define_flags, base + ["--target_heads=4"]))
+
+    task = load_task("synthetic", None, tokenizer=tiny_teacher_dir, max_length=16, synthetic_size=256)
+    kw = {"target_fraction": 0.4, "step": 0.25, "max_fraction": 0.5, "importance_examples": 64}
+    local = prune.prune_and_compact(tiny_teacher_dir, task, str(tmp_path), **kw)
+    calls = []
+    real_importance = head_importance.head_importance
+    monkeypatch.setattr(head_importance, "head_importance", lambda *a, **k: calls.append(1) or real_importance(*a, **k))
+    results = prune.prune_and_compact(f"{remote}/teacher", task, f"{remote}/out", **kw)
+    assert len(calls) == 2 and _blob_names(f"{remote}/out") == [
+        "curve.json", "curve.png", "model/_COMPLETE", "model/config.json", "model/params.safetensors",
+        "model/tokenizer.json", "results.json"]
+    assert results["curve"] == local["curve"] and results["chosen"] == local["chosen"]
+    assert results["final"] == local["final"] and results["source_model"] == f"{remote}/teacher"
+    assert storage.read_bytes(f"{remote}/out/curve.png")[:4] == b"\x89PNG"
+    curve = json.loads(storage.read_text(f"{remote}/out/curve.json"))
+    assert curve["points"] == json.loads((tmp_path / "curve.json").read_text())["points"]
+    assert prune.prune_and_compact(f"{remote}/teacher", task, f"{remote}/out", **kw)["chosen"] == local["chosen"]
+    assert len(calls) == 2  # the rerun read the curve from the bucket
+    _, pruned_cfg, _ = models.load(f"{remote}/out/model")
+    assert sum(pruned_cfg.heads(i) for i in range(pruned_cfg.num_layers)) == 2

@@ -100,3 +100,50 @@ def test_report_html_is_self_contained_and_notes_the_hardware(tmp_path, monkeypa
     assert len(payload["notes"]) == 3
     md = (tmp_path / "report.md").read_text()
     assert md.count("| teacher (onnx fp32) | onnxruntime |") == 1
+
+
+def test_runs_and_report_in_a_bucket_match_the_same_on_disk(gcs_bucket, tmp_path):
+    """A recipe workdir (a model stage and an export stage with an ONNX file) and the report's folder in a bucket:
+    the report's files reach it as objects, with the rows the same folders give on a local disk."""
+    import json
+    import uuid
+
+    from google.cloud import storage as gcs
+
+    from experiments.tools import cli
+    from experiments.tools import export as export_cli
+    from models import storage
+    from tests.models.test_storage import _blob_names
+
+    cfg = TINY["transformer"]
+    model = models.model_class("transformer")(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), **report._sample_batch("transformer", cfg, 1, 4))["params"]
+    models.save(tmp_path / "m", "transformer", cfg, params)
+    export_cli.export_model_dir(str(tmp_path / "m"), str(tmp_path / "onnx"), ["fp32"])
+    onnx = (tmp_path / "onnx" / "model_fp32.onnx").read_bytes()
+    remote = f"{gcs_bucket[0]}/{uuid.uuid4().hex[:8]}"
+    payloads = {}
+    for root in (str(tmp_path / "local"), remote):
+        models.save(f"{root}/recipe/teacher/model", "transformer", cfg, params, extra={"eval": {"accuracy": 0.85}})
+        storage.write_text(f"{root}/recipe/teacher/results.json", json.dumps({"metric_names": ["accuracy"]}))
+        storage.write_text(f"{root}/recipe/export/results.json", json.dumps({"models": {"teacher": {
+            "model_dir": f"{root}/recipe/teacher/model",
+            "files": {"model_fp32.onnx": {"precision": "fp32", "metrics": {"accuracy": 0.84}}}}}}))
+        with storage.atomic_file(f"{root}/recipe/export/teacher/model_fp32.onnx") as tmp:
+            tmp.write_bytes(onnx)
+        fv = cli.parse(report.define_flags, [f"--out_dir={root}/report", "--reference=teacher", "--batch=2",
+                                             "--seq=8", "--rounds=1"])
+        payloads[root] = report.run(fv, [f"{root}/recipe"])
+
+    assert _blob_names(f"{remote}/report") == ["metric_vs_size.png", "metric_vs_throughput.png", "report.html",
+                                               "report.json", "report.md"]
+    keys = ("name", "family", "metric_name", "metric", "params", "size_mb", "variant", "runtime")
+    local, remote_rows = ([{k: m[k] for k in keys} for m in payloads[root]["models"]] for root in payloads)
+    assert remote_rows == local and [r["name"] for r in local] == ["teacher", "teacher (onnx fp32)"]
+    assert all(m["tokens_per_s"] for m in payloads[remote]["models"])  # both rows were timed
+    bucket, _, prefix = remote.removeprefix("gs://").partition("/")
+    blobs = gcs.Client().bucket(bucket)
+    assert json.loads(blobs.blob(f"{prefix}/report/report.json").download_as_bytes())["models"] == \
+        payloads[remote]["models"]
+    page = blobs.blob(f"{prefix}/report/report.html").download_as_text()
+    assert page.count("src='data:image/png;base64,") == 2

@@ -10,6 +10,7 @@ place of the bucket, and the workers' working directory is checked for strays (a
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_pod_with_a_bucket_killed_and_resumed_ends_where_one_local_process_does(
         pod = _pod(remote_run, remote_data, env, out)
     deadline = time.monotonic() + 400
     try:
-        while not any(n.startswith("transformer3/checkpoints/") and n.endswith("commit_success.txt")
+        while not any(re.fullmatch(r"transformer3/checkpoints/\d+/commit_success\.txt", n)  # a whole step
                       for n in _blob_names(remote_run)):
             assert pod.poll() is None, f"the pod ended before it could be killed:\n{log.read_text()[-6000:]}"
             assert time.monotonic() < deadline, "no student checkpoint reached the bucket in time"
@@ -109,7 +110,7 @@ def test_pod_with_a_bucket_killed_and_resumed_ends_where_one_local_process_does(
     out = log.read_text()
     assert pod.returncode == 0, out[-8000:]
     assert "teacher (finetune): done, skipped" in out
-    assert "resumed from checkpoint step" in out
+    assert "resumed from checkpoint step" in out, out[-8000:]
 
     names = _blob_names(remote_run)
     for expected in ("recipe.json", "report.md", "report.html", "teacher/stage.json", "teacher/model/_COMPLETE",

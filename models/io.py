@@ -256,7 +256,7 @@ def load(path: str | os.PathLike):
     meta = read_meta(path)
     family = meta["family"]
     config = config_class(family).from_dict(meta["config"])
-    flat = read_params(storage.join(path, PARAMS_FILE))
+    flat = read_params(os.path.join(path, PARAMS_FILE))
     if "num_tensors" in meta and len(flat) != meta["num_tensors"]:
         raise ValueError(f"{path}/{PARAMS_FILE} holds {len(flat)} tensors, config.json says {meta['num_tensors']}")
     params = unflatten_params(flat)

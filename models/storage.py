@@ -66,11 +66,6 @@ def absolute(path: str | os.PathLike) -> str:
     return path.rstrip("/") if is_remote(path) else os.path.abspath(path)
 
 
-def join(base: str | os.PathLike, *parts: str) -> str:
-    """``base/part/...`` as a string, on disks and stores (``os.path.join`` semantics for the parts)."""
-    return os.path.join(os.fspath(base), *parts)
-
-
 def relative_to(path: str, base: str) -> str:
     """``path`` relative to ``base`` (``os.path.relpath`` for both kinds of path)."""
     return os.path.relpath(path, base) if not is_remote(path) else path[len(base.rstrip("/")) + 1:]
@@ -113,6 +108,16 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 def size(path: str | os.PathLike) -> int:
     """Bytes in file ``path``."""
     return as_path(path).stat().length if is_remote(path) else os.path.getsize(path)
+
+
+def size_and_mtime_ns(path: str | os.PathLike) -> tuple[int, int]:
+    """File ``path``'s size and modification time in ns (an object's upload time, whole seconds, in a bucket:
+    an object is rewritten, never changed in place)."""
+    if is_remote(path):
+        stat = as_path(path).stat()
+        return stat.length, int(stat.mtime * 10 ** 9)
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
 
 
 def remove(path: str | os.PathLike) -> None:

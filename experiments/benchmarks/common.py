@@ -16,6 +16,8 @@ from typing import Callable
 
 import jax
 
+from models import storage
+
 
 def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1,
                      block: Callable[[object], object] = jax.block_until_ready) -> dict[str, list[float]]:
@@ -102,12 +104,11 @@ def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
 
 
 def write_json(path: str | None, payload: dict) -> None:
-    """Writes ``payload`` (plus the environment) as JSON when ``path`` is given."""
+    """Writes ``payload`` (plus the environment) as JSON when ``path`` is given, atomically; ``path`` may be a
+    gs:// URL (:mod:`models.storage`)."""
     if not path:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"environment": environment(), **payload}, f, indent=2)
+    storage.write_text(path, json.dumps({"environment": environment(), **payload}, indent=2))
     print(f"wrote {path}")
 
 

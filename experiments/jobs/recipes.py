@@ -131,10 +131,7 @@ def _external_inputs(stage_config, workdir: str) -> dict[str, str]:
             continue
         if storage.absolute(value).startswith(storage.absolute(workdir) + "/"):
             continue
-        files = fingerprint.file_fingerprint([value])
-        relative = {storage.relative_to(k, value) if k != value else os.path.basename(k): v
-                    for k, v in files.items()}
-        out[field] = hashlib.sha256(json.dumps(relative, sort_keys=True).encode()).hexdigest()
+        out[field] = fingerprint.content_digest(value)
     return out
 
 

@@ -23,8 +23,6 @@ Writes into ``workdir``: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import time
 
@@ -165,10 +163,7 @@ def run_fingerprint(run: Run) -> dict:
     for field in ("data_dir", "transfer_file"):
         path = run.config.get(field)
         if path:
-            files = fingerprint.file_fingerprint([path])
-            relative = {storage.relative_to(name, path) if name != path else os.path.basename(path): entry
-                        for name, entry in files.items()}
-            fp[f"inputs.{field}"] = hashlib.sha256(json.dumps(relative, sort_keys=True).encode()).hexdigest()
+            fp[f"inputs.{field}"] = fingerprint.content_digest(path)
     fp.update({f"inputs.{k}": v for k, v in run.fingerprints.items()})
     return fp
 

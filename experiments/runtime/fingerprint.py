@@ -87,17 +87,10 @@ def config_fingerprint(config: Any, exclude: Iterable[str] = TRAJECTORY_NEUTRAL)
 
 
 def _file_entry(path: str, hash_limit: int) -> dict[str, Any]:
-    if storage.is_remote(path):
-        size = storage.size(path)
-        if size <= hash_limit:
-            return {"sha256": hashlib.sha256(storage.read_bytes(path)).hexdigest()}
-        info = storage.as_path(path).stat()  # an object is rewritten, never changed in place: new mtime
-        return {"size": size, "mtime": str(info.mtime)}
-    st = os.stat(path)
-    if st.st_size <= hash_limit:
-        with open(path, "rb") as f:
-            return {"sha256": hashlib.sha256(f.read()).hexdigest()}
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    size, mtime_ns = storage.size_and_mtime_ns(path)
+    if size <= hash_limit:
+        return {"sha256": hashlib.sha256(storage.read_bytes(path)).hexdigest()}
+    return {"size": size, "mtime_ns": mtime_ns}
 
 
 def _walk(path: str) -> Iterator[str]:
@@ -131,6 +124,15 @@ def file_fingerprint(paths: Iterable[str | os.PathLike], *,
         else:
             raise FileNotFoundError(f"cannot fingerprint {p}: no such file or directory")
     return out
+
+
+def content_digest(path: str) -> str:
+    """A sha256 of file or directory ``path``'s :func:`file_fingerprint`, keyed by paths relative to it, so
+    that a moved data folder or model keeps its digest."""
+    files = file_fingerprint([path])
+    relative = {storage.relative_to(name, path) if name != path else os.path.basename(path): entry
+                for name, entry in files.items()}
+    return hashlib.sha256(json.dumps(relative, sort_keys=True).encode()).hexdigest()
 
 
 def params_fingerprint(params: Any) -> str:

@@ -156,7 +156,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
     """Removes the temporaries killed atomic writes left anywhere under workdir ``path``; returns their paths.
 
     Matches only the names the project's atomic writers use (:data:`models.storage.TEMPORARY_PATTERN`, and the
-    older ``.<name>.tmp-XXXXXXXX`` form): ``.tmp-*`` entries are unfinished writes and are deleted. An
+    older ``.<name>.tmp-<8 chars>`` form): ``.tmp-*`` entries are unfinished writes and are deleted. An
     ``.old-*`` entry is the previous version of a directory parked during a swap: deleted when the new
     version stands beside it, renamed back into place (with a warning) when the kill came between the two
     renames. Each action is logged with its size. Call it while holding :func:`lock`.

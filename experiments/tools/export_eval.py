@@ -21,6 +21,7 @@ without ``--overwrite``. Nothing is cached: the export is redone on every run. P
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,8 +29,8 @@ from absl import app, flags
 
 import models
 from compression.export import ExportError
-from experiments.benchmarks.common import environment, print_table
-from experiments.runtime import evaluation, observe
+from experiments.benchmarks.common import print_table, write_json
+from experiments.runtime import evaluation
 from experiments.runtime.metrics import classification_metrics
 from experiments.techniques import qat
 from experiments.tools.export import export_model_dir, onnx_feed
@@ -91,7 +92,7 @@ def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: s
                    for name, (fn, v) in jax_models.items()}
     for p in precisions:
         predictions[f"onnx_{p}"] = evaluation.Predictions.collect(
-            onnx_logits(storage.join(out_dir, f"model_{p}.onnx"), data, batch_size))
+            onnx_logits(os.path.join(out_dir, f"model_{p}.onnx"), data, batch_size))
 
     rows = []
     for name, pred in predictions.items():
@@ -104,9 +105,7 @@ def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: s
     result = {"task": task, "dev_examples": n_dev, "rows": rows, "export": report}
     print_table(rows, ["name", "accuracy", *[m for m in ("f1", "mcc") if m in rows[0]], "delta_points", "agreement"],
                 title=f"{task} dev ({n_dev} examples): JAX vs exported ONNX in onnxruntime")
-    path = storage.join(out_dir, "eval.json")
-    observe.write_json(path, {"environment": environment(), **result})  # atomic, local or remote
-    print(f"wrote {path}")
+    write_json(os.path.join(out_dir, "eval.json"), result)
     return result
 
 

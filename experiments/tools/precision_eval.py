@@ -43,7 +43,7 @@ from compression import precision
 from compression.sites import ISLAND_KINDS
 from experiments.benchmarks import common
 from experiments.data import TaskData
-from experiments.runtime import evaluation, observe
+from experiments.runtime import evaluation
 from experiments.tools import cli
 from models import storage
 
@@ -145,9 +145,7 @@ def run(fv: flags.FlagValues) -> dict:
                        "turns one off)")
     payload = {"model_dir": storage.absolute(fv.model_dir), "task": task.name, "dev_examples": len(task.dev),
                "max_length": max_length, "metric": key, "results": results}
-    if fv.out:
-        observe.write_json(fv.out, {"environment": env, **payload})  # atomic, local or remote
-        print(f"wrote {fv.out}")
+    common.write_json(fv.out, payload)
     return payload
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 import warnings
 
@@ -45,7 +46,6 @@ from ml_collections import config_flags
 
 from experiments.benchmarks import common
 from experiments.configs import finetune
-from experiments.runtime import observe
 from experiments.tools import cli
 from models import storage
 
@@ -58,7 +58,7 @@ VARIANTS = {  # name -> (config.precision, config.loss_scale.dynamic)
 
 
 def _train_log(workdir: str) -> list[dict]:
-    lines = storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()
+    lines = storage.read_text(os.path.join(workdir, "metrics.jsonl")).splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
@@ -97,7 +97,7 @@ def train_variants(config, workdir: str, names: list[str], seeds: list[int]) -> 
     the dev metric over the seeds that finished, and ``delta_points`` = 100 x (mean - float32's mean)."""
     rows = {}
     for name in names:
-        runs = {seed: _one_run(config, storage.join(workdir, name, f"seed_{seed}"), name, seed)
+        runs = {seed: _one_run(config, os.path.join(workdir, name, f"seed_{seed}"), name, seed)
                 for seed in seeds}
         done = [r for r in runs.values() if "error" not in r]
         row = {"runs": runs, "failed": len(runs) - len(done)}
@@ -148,9 +148,7 @@ def run(fv: flags.FlagValues) -> dict:
                        f"Training precision on {config.task}, seeds {seeds} (dev; delta: mean vs float32's mean, "
                        "in points)")
     payload = {"task": config.task, "seeds": seeds, "config": config.to_dict(), "variants": rows}
-    path = storage.join(fv.workdir, "precision_train.json")
-    observe.write_json(path, {"environment": common.environment(), **payload})  # atomic, local or remote
-    print(f"wrote {path}")
+    common.write_json(os.path.join(fv.workdir, "precision_train.json"), payload)
     return payload
 
 

@@ -170,21 +170,12 @@ CURVE_DEFAULTS = {k: p.default for k, p in inspect.signature(head_pruning_curve)
                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _size_and_mtime(path: str) -> tuple[int, int]:
-    """A file's size and modification time (ns on a disk; an object's upload time, in s, in a bucket)."""
-    if storage.is_remote(path):
-        stat = storage.as_path(path).stat()
-        return stat.length, stat.mtime
-    stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
-
-
 def curve_fingerprint(model_dir: str, task: TaskData, **curve_kwargs) -> str:
     """A key of everything the curve depends on: the model directory's config.json and its params file's size
     and mtime, the task's encoded examples (so data files, tokenizer and max_length), and the curve flags."""
     h = hashlib.sha256()
-    h.update(storage.read_bytes(storage.join(model_dir, models.io.CONFIG_FILE)))
-    size, mtime = _size_and_mtime(storage.join(model_dir, models.io.PARAMS_FILE))
+    h.update(storage.read_bytes(os.path.join(model_dir, models.io.CONFIG_FILE)))
+    size, mtime = storage.size_and_mtime_ns(os.path.join(model_dir, models.io.PARAMS_FILE))
     h.update(f"{size}:{mtime}:{task.name}".encode())
     for split in (task.train, task.dev, task.choice_split):
         h.update(np.asarray(split.labels).tobytes())
@@ -212,14 +203,14 @@ def save_curve(out_dir: str, curve: list[PruningStep], dev: list[float], fingerp
                "points": [{"fraction_pruned": p.fraction_pruned, "heads_pruned": p.heads_pruned, "metric": p.metric,
                            "dev_metric": d, "masks": {k: np.asarray(m).tolist() for k, m in p.masks.items()}}
                           for p, d in zip(curve, dev, strict=True)]}
-    observe.write_json(storage.join(out_dir, "curve.json"), payload)
-    _plot_curve(curve, dev, metric_name, chosen_on, storage.join(out_dir, "curve.png"))
+    observe.write_json(os.path.join(out_dir, "curve.json"), payload)
+    _plot_curve(curve, dev, metric_name, chosen_on, os.path.join(out_dir, "curve.png"))
 
 
 def load_curve(out_dir: str, fingerprint: str) -> tuple[list[PruningStep], list[float]] | None:
     """``(curve, dev metrics)`` as :func:`save_curve` wrote them into ``out_dir`` if its fingerprint is
     ``fingerprint``, else None."""
-    path = storage.join(out_dir, "curve.json")
+    path = os.path.join(out_dir, "curve.json")
     if not storage.is_file(path):
         return None
     payload = json.loads(storage.read_text(path))
@@ -259,7 +250,7 @@ def pruning_curve(model_dir: str, task: TaskData, out_dir: str,
     key = curve_fingerprint(model_dir, task, **curve_kwargs)
     cached = load_curve(out_dir, key)
     if cached is not None:
-        logging.info("reusing the pruning curve in %s", storage.join(out_dir, "curve.json"))
+        logging.info("reusing the pruning curve in %s", os.path.join(out_dir, "curve.json"))
         return cached
     model, _, params = models.load(model_dir)
     curve, _, _ = head_pruning_curve(model, params, task, **curve_kwargs)
@@ -312,10 +303,10 @@ def prune_and_compact(model_dir: str, task: TaskData, out_dir: str, *, max_drop:
         "final": compacted, "best": compacted, "heads_per_layer": [new_cfg.heads(i) for i in range(new_cfg.num_layers)],
         "total_heads": total, "source_model": model_dir, "task": task.name,
     }
-    models.save(storage.join(out_dir, "model"), "transformer", new_cfg, new_params, tokenizer_dir=model_dir,
+    models.save(os.path.join(out_dir, "model"), "transformer", new_cfg, new_params, tokenizer_dir=model_dir,
                 overwrite=True, extra={**meta, "pruned_from": model_dir, "eval": compacted,
                                        "heads_pruned": chosen.heads_pruned})
-    observe.write_json(storage.join(out_dir, "results.json"), results)  # written last: the stage is done
+    observe.write_json(os.path.join(out_dir, "results.json"), results)  # written last: the stage is done
     return results
 
 

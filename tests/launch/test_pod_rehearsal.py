@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.multidevice import REPO, device_env
+from tests.object_store import blob_names
 
 CONFIG = "--config=tests/launch/rehearsal_recipe.py"
 
@@ -45,14 +46,6 @@ def _upload(local_dir, url: str) -> None:
 
     for f in sorted(local_dir.iterdir()):
         storage.as_path(f"{url}/{f.name}").write_bytes(f.read_bytes())
-
-
-def _blob_names(url: str) -> list[str]:
-    """Object names under ``url``, listed by the Cloud Storage client itself."""
-    from google.cloud import storage as gcs
-
-    bucket, _, prefix = url.removeprefix("gs://").partition("/")
-    return sorted(b.name[len(prefix) + 1:] for b in gcs.Client().list_blobs(bucket, prefix=prefix + "/"))
 
 
 def _pod(workdir: str, data_dir: str, env: dict, log) -> subprocess.Popen:
@@ -93,14 +86,14 @@ def test_pod_with_a_bucket_killed_and_resumed_ends_where_one_local_process_does(
     deadline = time.monotonic() + 400
     try:
         while not any(re.fullmatch(r"transformer3/checkpoints/\d+/commit_success\.txt", n)  # a whole step
-                      for n in _blob_names(remote_run)):
+                      for n in blob_names(remote_run)):
             assert pod.poll() is None, f"the pod ended before it could be killed:\n{log.read_text()[-6000:]}"
             assert time.monotonic() < deadline, "no student checkpoint reached the bucket in time"
             time.sleep(0.05)
         os.killpg(pod.pid, signal.SIGKILL)  # the launcher and both workers, like a preempted slice
     finally:
         pod.wait()
-    killed_with = _blob_names(remote_run)
+    killed_with = blob_names(remote_run)
     assert "transformer3/results.json" not in killed_with  # it really died mid-stage
     assert "teacher/model/_COMPLETE" in killed_with
 
@@ -112,7 +105,7 @@ def test_pod_with_a_bucket_killed_and_resumed_ends_where_one_local_process_does(
     assert "teacher (finetune): done, skipped" in out
     assert "resumed from checkpoint step" in out, out[-8000:]
 
-    names = _blob_names(remote_run)
+    names = blob_names(remote_run)
     for expected in ("recipe.json", "report.md", "report.html", "teacher/stage.json", "teacher/model/_COMPLETE",
                      "transformer3/model/_COMPLETE", "transformer3/teacher_logits.npz", "transformer3/metrics.jsonl",
                      "onnx/teacher/model_fp32.onnx", "onnx/transformer3/_COMPLETE"):

@@ -7,20 +7,13 @@ import pytest
 import models
 from models import io, storage
 from tests.models.test_io import CFG, _params
+from tests.object_store import blob_names
 
 
 @pytest.fixture
 def remote(gcs_bucket):
     """A fresh gs:// prefix of the emulated bucket."""
     return f"{gcs_bucket[0]}/{uuid.uuid4().hex[:8]}"
-
-
-def _blob_names(url: str) -> list[str]:
-    """Object names under ``url`` as the Cloud Storage client lists them (not through the code under test)."""
-    from google.cloud import storage as gcs
-
-    bucket, _, prefix = url.removeprefix("gs://").partition("/")
-    return sorted(b.name[len(prefix) + 1:] for b in gcs.Client().list_blobs(bucket, prefix=prefix + "/"))
 
 
 def test_local_directory_is_renamed_into_place_with_its_marker_and_a_failed_one_leaves_nothing(tmp_path):
@@ -44,7 +37,7 @@ def test_remote_files_and_directories_reach_the_bucket_and_markers_publish_them(
         (tmp / "sub").mkdir()
         (tmp / "sub" / "x").write_text("y")
         assert not storage.exists(f"{remote}/model")  # nothing uploaded before the block ends
-    assert _blob_names(remote) == ["model/_COMPLETE", "model/sub/x", "model/w.npy", "results.json"]
+    assert blob_names(remote) == ["model/_COMPLETE", "model/sub/x", "model/w.npy", "results.json"]
     assert storage.is_complete(f"{remote}/model")
     with pytest.raises(FileExistsError, match="already exists"):
         with storage.atomic_directory(f"{remote}/model"):
@@ -55,9 +48,9 @@ def test_remote_files_and_directories_reach_the_bucket_and_markers_publish_them(
     assert not storage.exists(f"{remote}/failed")
     with storage.atomic_directory(f"{remote}/model", overwrite=True) as tmp:  # old files do not survive
         (tmp / "v.npy").write_bytes(b"4")
-    assert _blob_names(f"{remote}/model") == ["_COMPLETE", "v.npy"]
+    assert blob_names(f"{remote}/model") == ["_COMPLETE", "v.npy"]
     storage.move(f"{remote}/model", f"{remote}/aside")
-    assert _blob_names(remote) == ["aside/_COMPLETE", "aside/v.npy", "results.json"]
+    assert blob_names(remote) == ["aside/_COMPLETE", "aside/v.npy", "results.json"]
 
 
 def test_model_round_trip_through_a_bucket_and_an_unmarked_upload_is_not_trusted(remote, tmp_path):
@@ -65,7 +58,7 @@ def test_model_round_trip_through_a_bucket_and_an_unmarked_upload_is_not_trusted
     vocab.mkdir()
     (vocab / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n")
     models.save(f"{remote}/m", "transformer", CFG, _params(), tokenizer_dir=vocab, extra={"labels": [1, 2, 3]})
-    assert _blob_names(f"{remote}/m") == ["_COMPLETE", "config.json", "params.safetensors", "vocab.txt"]
+    assert blob_names(f"{remote}/m") == ["_COMPLETE", "config.json", "params.safetensors", "vocab.txt"]
     _, config, params = models.load(f"{remote}/m")
     assert config == CFG and io.tree_equal(params, _params())
     assert models.read_meta(f"{remote}/m")["extra"] == {"labels": [1, 2, 3]}
@@ -77,4 +70,4 @@ def test_model_round_trip_through_a_bucket_and_an_unmarked_upload_is_not_trusted
         models.load(f"{remote}/m")
     models.save(f"{remote}/m", "transformer", CFG, _params(1))  # the killed upload is replaced, not refused
     assert io.tree_equal(models.load(f"{remote}/m")[2], _params(1))
-    assert _blob_names(f"{remote}/m") == ["_COMPLETE", "config.json", "params.safetensors"]
+    assert blob_names(f"{remote}/m") == ["_COMPLETE", "config.json", "params.safetensors"]

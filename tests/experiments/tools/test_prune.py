@@ -155,7 +155,7 @@ def test_model_and_outputs_in_a_bucket_match_the_same_run_on_disk(tiny_teacher_d
     import uuid
 
     from models import storage
-    from tests.models.test_storage import _blob_names
+    from tests.object_store import blob_names
 
     remote = f"{gcs_bucket[0]}/{uuid.uuid4().hex[:8]}"
     _, cfg, params = models.load(tiny_teacher_dir)
@@ -174,7 +174,7 @@ def test_model_and_outputs_in_a_bucket_match_the_same_run_on_disk(tiny_teacher_d
     real_importance = head_importance.head_importance
     monkeypatch.setattr(head_importance, "head_importance", lambda *a, **k: calls.append(1) or real_importance(*a, **k))
     results = prune.prune_and_compact(f"{remote}/teacher", task, f"{remote}/out", **kw)
-    assert len(calls) == 2 and _blob_names(f"{remote}/out") == [
+    assert len(calls) == 2 and blob_names(f"{remote}/out") == [
         "curve.json", "curve.png", "model/_COMPLETE", "model/config.json", "model/params.safetensors",
         "model/tokenizer.json", "results.json"]
     assert results["curve"] == local["curve"] and results["chosen"] == local["chosen"]

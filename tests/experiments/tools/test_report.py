@@ -113,7 +113,7 @@ def test_runs_and_report_in_a_bucket_match_the_same_on_disk(gcs_bucket, tmp_path
     from experiments.tools import cli
     from experiments.tools import export as export_cli
     from models import storage
-    from tests.models.test_storage import _blob_names
+    from tests.object_store import blob_names
 
     cfg = TINY["transformer"]
     model = models.model_class("transformer")(cfg)
@@ -135,7 +135,7 @@ def test_runs_and_report_in_a_bucket_match_the_same_on_disk(gcs_bucket, tmp_path
                                              "--seq=8", "--rounds=1"])
         payloads[root] = report.run(fv, [f"{root}/recipe"])
 
-    assert _blob_names(f"{remote}/report") == ["metric_vs_size.png", "metric_vs_throughput.png", "report.html",
+    assert blob_names(f"{remote}/report") == ["metric_vs_size.png", "metric_vs_throughput.png", "report.html",
                                                "report.json", "report.md"]
     keys = ("name", "family", "metric_name", "metric", "params", "size_mb", "variant", "runtime")
     local, remote_rows = ([{k: m[k] for k in keys} for m in payloads[root]["models"]] for root in payloads)

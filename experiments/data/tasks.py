@@ -20,11 +20,12 @@ Names
       ``train=FILE``, ``dev=FILE`` override the file names;
   * ``glue/<config>``, ``hub:<id>[:OPTIONS]``: Hugging Face hub datasets (see :mod:`experiments.data.hub`).
 
-Selection split: ``load_task(..., selection="auto" | N)`` carves a fixed set of examples out of the train split
-(:data:`SELECTION_SEED`, independent of every run seed, so a teacher, its students and the tools that read their
-models all hold out the same rows) into ``TaskData.selection``: never trained on (nor in a vocabulary built
-from train), it is where runs and tools make their choices (best checkpoint, pruning point, calibrator), so that
-the dev figure they report took no part in the choice. ``"auto"``: ``min(2000, a tenth of train)``.
+Selection split: ``load_task(..., selection="auto" | N)`` carves whole texts out of the train split into
+``TaskData.selection`` (:mod:`experiments.data.holdout`: a fixed seed, so a teacher, its students and the tools
+that read their models all hold out the same rows; rows sharing text with them, e.g. SST-2's phrases of a
+held-out sentence, are left out of training): never trained on (nor in a vocabulary built from train), it is
+where runs and tools make their choices (best checkpoint, pruning point, calibrator), so that the dev figure they
+report took no part in the choice. ``"auto"``: ``min(2000, a tenth of the whole texts)``.
 
 Every problem with the input -- missing file (named), missing column, label outside the label set (file and
 line named), empty split, unknown name -- raises before anything is encoded or trained.
@@ -41,7 +42,7 @@ from typing import Literal
 
 import numpy as np
 
-from experiments.data import synthetic
+from experiments.data import holdout, synthetic
 from experiments.data.batching import Split, default_buckets
 from experiments.data.features import encode_sequences, encode_tagged
 from experiments.data.readers import RawSplit, infer_label_values, label_ids, read_conll, read_delimited, read_jsonl
@@ -52,8 +53,6 @@ from models import storage
 log = logging.getLogger(__name__)
 
 AGNEWS_DEV_SIZE = 1000
-SELECTION_SEED = 20_251_203  # fixed: the same carve-out for every run, seed and tool
-SELECTION_CAP = 2000  # "auto" selection size: min(SELECTION_CAP, a tenth of train)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +78,7 @@ class TaskData:
     word_vocab: WordVocab | None = None
     char_vocab: CharVocab | None = None
     selection: Split | None = None  # carved out of train (never trained on), where choices are made
+    selection_summary: dict | None = None  # how it was carved (holdout.Carve.summary): sizes, rows left out
 
     @property
     def choice_split(self) -> Split:
@@ -248,25 +248,6 @@ def _raw_task(name, data_dir, seed, synthetic_size):
     raise ValueError(f"unknown task {name!r}; known: {', '.join(known_task_names())}")
 
 
-def selection_size(n_train: int, requested: int | str) -> int:
-    """Examples the selection split takes from ``n_train``: ``requested`` ("auto": min(2000, n_train // 10)),
-    leaving at least as many for training; a ValueError naming the sizes otherwise."""
-    size = min(SELECTION_CAP, n_train // 10) if requested == "auto" else requested
-    if not isinstance(size, int) or size < 1 or size > n_train // 2:
-        raise ValueError(f"a selection split of {requested!r} examples does not fit a train split of {n_train}: "
-                         f"give 1 to {n_train // 2} examples (or selection='dev')")
-    return size
-
-
-def carve_selection(raw_train: RawSplit, requested: int | str) -> tuple[RawSplit, RawSplit]:
-    """``(train without the selection rows, the selection rows)``, both in file order; the rows are the first
-    ``selection_size`` of a permutation seeded by :data:`SELECTION_SEED` alone."""
-    n = len(raw_train)
-    held = np.zeros(n, bool)
-    held[np.random.default_rng(SELECTION_SEED).permutation(n)[:selection_size(n, requested)]] = True
-    return raw_train.select(np.flatnonzero(~held)), raw_train.select(np.flatnonzero(held))
-
-
 def _check_buckets(buckets, max_length: int) -> tuple[int, ...]:
     if buckets is None:
         return default_buckets(max_length)
@@ -319,9 +300,11 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, tokenizer
     else:
         raw_train, raw_dev, values, label_names = _raw_task(name, data_dir, seed, synthetic_size)
     raws = {"train": raw_train, "dev": raw_dev}
+    carved = None
     if selection is not None:
-        raw_train, raws["selection"] = carve_selection(raw_train, selection)
-        raws["train"] = raw_train
+        carved = holdout.carve(raw_train, selection)
+        raw_train = raws["train"] = carved.train
+        raws["selection"] = carved.selection
     labels = {which: label_ids(raw, values) for which, raw in raws.items()}
     kind = "token" if raw_train.tokens is not None else "sequence"
     is_pair = raw_train.texts_b is not None
@@ -353,4 +336,5 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, tokenizer
         metrics = ["accuracy", "f1", "mcc"] if len(label_names) == 2 else ["accuracy"]
     return TaskData(name=name, kind=kind, is_pair=is_pair, label_names=label_names, train=splits["train"],
                     dev=splits["dev"], metric_names=metrics, max_length=max_length, tokenizer=sub,
-                    word_vocab=word_vocab, char_vocab=char_vocab, selection=splits.get("selection"))
+                    word_vocab=word_vocab, char_vocab=char_vocab, selection=splits.get("selection"),
+                    selection_summary=None if carved is None else carved.summary())

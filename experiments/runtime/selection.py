@@ -2,8 +2,8 @@
 
 A run that picks among candidates (the best checkpoint, a pruning point, an int8 calibrator) and reports the
 winner's figure on the same split reports a figure biased upward, the more so the more candidates it compared.
-So choices are made on a *selection split*, by default a fixed carve-out of the train split that is never
-trained on (:func:`experiments.data.tasks.carve_selection`), and the dev figure of the chosen candidate is what
+So choices are made on a *selection split*, by default whole texts carved out of the train split, never trained
+on, with every row that shares text with them left out of training (:mod:`experiments.data.holdout`), and the dev figure of the chosen candidate is what
 ``results.json``, the saved model's ``eval`` and the reports give. ``config.selection="dev"`` (jobs) keeps the
 old behaviour on request: choose and report on dev.
 
@@ -18,7 +18,7 @@ import ml_collections
 from absl import logging
 
 from experiments.data import TaskData
-from experiments.data.tasks import SELECTION_SEED
+from experiments.data.holdout import METHOD, SELECTION_SEED
 
 HOLDOUT, DEV = "holdout", "dev"
 CHOICES = (HOLDOUT, DEV)
@@ -28,7 +28,7 @@ PREFIX = "selection/"  # metrics measured on the selection split, beside the dev
 def section_fields(c: ml_collections.ConfigDict) -> None:
     """Adds the shared fields ``selection`` and ``selection_size`` to a job config ``c``."""
     c.selection = HOLDOUT  # where choices are made: "holdout" (carved from train, never trained on) | "dev"
-    c.selection_size = 0  # examples in the holdout; 0: min(2000, a tenth of train)
+    c.selection_size = 0  # whole texts in the holdout; 0: min(2000, a tenth of train's whole texts)
 
 
 CONSTRAINTS = {"selection": dict(choices=CHOICES), "selection_size": dict(min=0)}
@@ -43,20 +43,27 @@ def task_arg(config) -> int | str | None:
 
 def record(task: TaskData) -> dict:
     """What the choices of a run on ``task`` were made on (``results.json`` and the saved model's
-    ``extra.selection``): ``{"split": "holdout", "examples": N, "seed": S}`` or ``{"split": "dev", ...}``."""
+    ``extra.selection``): ``{"split": "holdout", "examples": N, "seed": S, "method": "whole_texts",
+    "candidates": C, "left_out": L}`` or ``{"split": "dev", "examples": N}``."""
     if task.selection is None:
         return {"split": DEV, "examples": len(task.dev)}
-    return {"split": HOLDOUT, "examples": len(task.selection), "seed": SELECTION_SEED}
+    return {"split": HOLDOUT, "seed": SELECTION_SEED, **task.selection_summary}
 
 
 def task_arg_of_model(extra: dict, model_dir: str) -> int | None:
     """``load_task``'s ``selection`` argument that carves again the holdout a saved model was trained without
-    (its ``extra.selection``); None (choose on dev, with a warning) for a model that records none or chose on
-    dev: it may have trained on every train row, so no train row is a fair place to choose."""
+    (its ``extra.selection``); None (choose on dev, with a warning) for a model that records none, chose on
+    dev, or was trained beside the earlier random carve-out (no ``method``): it may have trained on every train
+    row, or on text the carve would now hold out, so no train row is a fair place to choose."""
     chosen = extra.get("selection")
     if not chosen or chosen.get("split") != HOLDOUT:
         logging.warning("%s records no held-out selection split (trained on all of train, or chose on dev): "
                         "choices are made on dev, and the dev figures are biased by them", model_dir)
+        return None
+    if chosen.get("method") != METHOD:
+        logging.warning("%s was trained beside the earlier random carve-out of train, whose rows share text with "
+                        "training rows: choices are made on dev, and the dev figures are biased by them; retrain "
+                        "it to choose on held-out whole texts", model_dir)
         return None
     return int(chosen["examples"])
 

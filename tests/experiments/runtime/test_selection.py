@@ -9,7 +9,7 @@ import pytest
 
 import models
 from experiments.data import Split, load_task
-from experiments.data.tasks import SELECTION_CAP
+from experiments.data.holdout import SELECTION_CAP
 from experiments.jobs import registry, runner
 from experiments.jobs import train as train_job
 from experiments.runtime import selection
@@ -48,7 +48,7 @@ def test_the_carve_out_is_fixed_disjoint_and_complete(tmp_path):
     # a vocabulary built from train never sees a word that only the held-out rows have ("row 17" numbers)
     only_held = {t.split()[2] for t in held} - {t.split()[2] for t in train}
     assert only_held and not only_held & set(carved.word_vocab.units)
-    with pytest.raises(ValueError, match="does not fit a train split of 320"):
+    with pytest.raises(ValueError, match="does not fit a train split with 320 whole texts"):
         load_task(TSV_TASK, data, max_length=16, selection=200)
 
 
@@ -66,7 +66,8 @@ def test_no_selection_row_is_in_any_training_batch(tmp_path):
         for batch in runner.train_batches(run)(epoch, 0):
             seen |= {run.train.texts[i] for i in batch["example_index"]}
     assert len(seen) > 200 and not seen & held
-    assert run.metadata["selection"] == {"split": "holdout", "examples": 32, "seed": selection.SELECTION_SEED}
+    assert run.metadata["selection"] == {"split": "holdout", "examples": 32, "seed": selection.SELECTION_SEED,
+                                         "method": "whole_texts", "candidates": 320, "left_out": 0}
 
 
 def _flip_dev(task):
@@ -82,10 +83,11 @@ def test_the_best_checkpoint_is_chosen_on_the_selection_split(tmp_path, monkeypa
         if flip:
             real = train_job.load_task
             monkeypatch.setattr(train_job, "load_task", lambda *a, **k: _flip_dev(real(*a, **k)))
-        config = tiny_config(eval_every_steps=8, checkpoint__keep=8, num_train_steps=48)
+        config = tiny_config(eval_every_steps=8, checkpoint__keep=8, num_train_steps=48, export="best")
         results[flip] = registry.run(config, str(tmp_path / f"run_{flip}"))
     normal, flipped = results[False], results[True]
-    assert normal["selection"] == {"split": "holdout", "examples": 25, "seed": selection.SELECTION_SEED}
+    assert {k: normal["selection"][k] for k in ("split", "examples", "seed", "method")} == {
+        "split": "holdout", "examples": 25, "seed": selection.SELECTION_SEED, "method": "whole_texts"}
     assert normal["exported_step"] == flipped["exported_step"] == normal["best"]["step"]
     assert normal["best"]["selection/accuracy"] == flipped["best"]["selection/accuracy"]
     assert normal["best"]["accuracy"] == pytest.approx(1 - flipped["best"]["accuracy"])  # dev is reported

@@ -83,6 +83,11 @@ def get_config(arg: str = "synthetic,transformer3") -> ml_collections.ConfigDict
     # unlabeled text the teacher labels for the student (Mukherjee & Awadallah 2020; Izsak et al. 2019): one example
     # per line (pairs: two tab-separated texts; token tasks: a sentence, split into words); None: training split only
     c.transfer_file = finetune._optional_str(None)
+    # Few labels (Hinton et al.'s 3% experiment; XtremeDistil's 500 labels): keep only a seeded sample of the
+    # training rows' gold labels (the sample depends on config.seed alone, so arms with one seed pair up)
+    c.labelled = ml_collections.ConfigDict()
+    c.labelled.examples = 0  # training rows kept with their gold labels; 0: all
+    c.labelled.rest = "drop"  # the other rows: "drop" | "transfer" (teacher-labelled, soft targets only)
 
     c.student = ml_collections.ConfigDict()
     c.student.family = family  # transformer | bilstm | cnn_lstm
@@ -165,4 +170,5 @@ CONSTRAINTS = {**finetune.TRAINING_CONSTRAINTS, "job": dict(choices=("distill",)
                "student.char_kernel_size": dict(min=1), "student.max_word_chars": dict(min=1),
                "augment.n_per_example": dict(min=0), "augment.max_examples": dict(min=0),
                "augment.p_mask": dict(min=0.0, max=1.0), "augment.p_pos": dict(min=0.0, max=1.0),
-               "augment.p_ng": dict(min=0.0, max=1.0)}
+               "augment.p_ng": dict(min=0.0, max=1.0), "labelled.examples": dict(min=0),
+               "labelled.rest": dict(choices=("drop", "transfer"))}

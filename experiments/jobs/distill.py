@@ -11,7 +11,10 @@ on gold labels only, the baseline every distillation figure is compared with.
 The transfer set is the training split, plus an augmented set when ``config.augment.n_per_example > 0`` (Tang
 et al. 2019: masking, same-tag replacement, n-gram sampling), plus the unlabeled text of
 ``config.transfer_file`` (Mukherjee & Awadallah 2020), all labelled by the teacher's soft targets; rows without
-a gold label never enter the gold-label term. Word-level students get word (and character) vocabularies built
+a gold label never enter the gold-label term. ``config.labelled.examples`` keeps the gold labels of a seeded sample
+of the training rows only (Hinton et al.'s 3% experiment); the other rows are dropped or, with
+``labelled.rest = "transfer"``, join the transfer set without their labels (XtremeDistil's few labels plus
+teacher-labelled text). Word-level students get word (and character) vocabularies built
 from the training text (and the transfer text) and saved with the model.
 
 Token tasks: the teacher tags sub-tokens, the CNN-LSTM tags words; each word takes the teacher's logits at its
@@ -92,6 +95,40 @@ def _read_transfer_file(config, task: TaskData) -> RawSplit | None:
     raw = readers.read_unlabeled(config.transfer_file, kind=task.kind, is_pair=task.is_pair)
     logging.info("%s: %d unlabeled transfer examples", config.transfer_file, len(raw))
     return raw
+
+
+LABEL_SAMPLE_STREAM = 7  # the labelled sample's RNG stream beside config.seed (data order uses the seed itself)
+
+
+def _labelled_sample(task: TaskData, config) -> tuple[TaskData, RawSplit | None]:
+    """``task`` with only ``config.labelled.examples`` training rows (a sample seeded by ``config.seed``, in file
+    order), and the other rows as unlabeled transfer examples when ``labelled.rest == "transfer"`` (else None)."""
+    n, rows = config.labelled.examples, len(task.train)
+    if not n:
+        return task, None
+    if n >= rows:
+        raise ConfigError(f"config.labelled.examples={n} keeps every one of the {rows} training rows; give fewer, "
+                          "or 0 for all")
+    keep = np.sort(np.random.default_rng([config.seed, LABEL_SAMPLE_STREAM]).permutation(rows)[:n])
+    rest = np.setdiff1d(np.arange(rows), keep)
+    logging.info("labelled sample: %d of %d training rows keep their gold labels; the other %d are %s", n, rows,
+                 len(rest), "teacher-labelled transfer rows" if config.labelled.rest == "transfer" else "dropped")
+    rest_raw = None
+    if config.labelled.rest == "transfer":
+        pick = lambda xs: None if xs is None else [xs[i] for i in rest]
+        t = task.train
+        rest_raw = RawSplit(f"{t.name} (unlabelled rest)", [None] * len(rest), [0] * len(rest), texts=pick(t.texts),
+                            texts_b=pick(t.texts_b), tokens=pick(t.tokens))
+    return dataclasses.replace(task, train=task.train.select(keep)), rest_raw
+
+
+def _joined(a: RawSplit | None, b: RawSplit | None) -> RawSplit | None:
+    """Two unlabeled raw splits one after the other (either may be None)."""
+    if a is None or b is None:
+        return a or b
+    join = lambda x, y: None if x is None else x + y
+    return RawSplit(f"{a.source} + {b.source}", a.labels + b.labels, a.lines + b.lines, join(a.texts, b.texts),
+                    join(a.texts_b, b.texts_b), join(a.tokens, b.tokens))
 
 
 def _unlabeled_split(task: TaskData, raw: RawSplit | None, max_word_chars: int) -> Split | None:
@@ -214,17 +251,22 @@ def build(config, workdir: str, key) -> Run:
                              max_length=config.max_length, seed=config.seed, synthetic_size=config.synthetic_size,
                              selection=selection.task_arg(config),
                              **({"max_word_chars": s.max_word_chars} if tagger else {}))
-    task = load(word_vocab="build" if word_level else None)
+    if config.labelled.rest == "transfer" and config.distill.preset == "none":
+        raise ConfigError("config.labelled.rest='transfer' with config.distill.preset='none': unlabelled rows train "
+                          "only on the teacher's soft targets; use labelled.rest='drop' for a gold-label baseline")
+    task, rest_raw = _labelled_sample(load(word_vocab="build" if word_level else None), config)
     _check_pairing(s.family, task.kind, f"task {task.name} is")
     evaluation.check_fine_tuned_for(teacher_dir, teacher_cfg, models.read_meta(teacher_dir).get("extra", {}), task,
                                     "teacher")
-    unlabeled_raw = _read_transfer_file(config, task)
-    if word_level and (unlabeled_raw is not None or len(task.word_vocab.units) > s.max_vocab):
-        # the student's vocabularies cover the unlabeled transfer text too: its words train on soft targets
+    unlabeled_raw = _joined(_read_transfer_file(config, task), rest_raw)
+    rows_changed = unlabeled_raw is not None or config.labelled.examples > 0
+    if word_level and (rows_changed or len(task.word_vocab.units) > s.max_vocab):
+        # the student's vocabularies come from the rows it trains on, the unlabeled transfer text included
         raws = [task.train] + ([unlabeled_raw] if unlabeled_raw is not None else [])
         texts = [t for r in raws for t in (r.tokens if tagger else r.texts + (r.texts_b or []))]
-        char_vocab = CharVocab.build(texts) if tagger and unlabeled_raw is not None else task.char_vocab
-        task = load(word_vocab=WordVocab.build(texts, max_size=s.max_vocab), char_vocab=char_vocab)
+        char_vocab = CharVocab.build(texts) if tagger and rows_changed else task.char_vocab
+        task, _ = _labelled_sample(load(word_vocab=WordVocab.build(texts, max_size=s.max_vocab),
+                                        char_vocab=char_vocab), config)
     if tagger and config.augment.n_per_example > 0:
         raise ConfigError(
             "config.augment.n_per_example > 0: transfer-set augmentation rewrites raw text and has no tags for a "

@@ -411,3 +411,25 @@ def test_token_task_bad_input_fails_before_training(tiny_ner_teacher_dir, tmp_pa
     with pytest.raises(ValueError, match="fine-tuned on a sequence task"):
         run("cnn_lstm", "kind", teacher=edited_teacher("sequence_teacher", kind="sequence"))
     assert all(_nothing_written(tmp_path / n) for n in ("bilstm", "sequence", "augment", "labels", "kind"))
+
+
+def test_a_labelled_sample_keeps_gold_labels_on_those_rows_only(teacher_dir, tmp_path):
+    """``labelled.examples``: the gold-label baseline trains on a seeded sample of the training rows; the KD arm
+    with ``labelled.rest="transfer"`` has the same rows labelled and every other training row teacher-labelled
+    (Hinton et al.'s few-label setting; XtremeDistil's labels plus transfer text)."""
+    all_rows = load_task("synthetic", None, synthetic_size=256, selection="auto").train.texts
+    prepare = lambda student, name, **o: runner.prepare(registry.JOBS["distill"], _config(
+        student, teacher_dir, **{"labelled.examples": 40, "student.num_layers": 1, **o}), str(tmp_path / name))
+    kd_run = prepare("transformer3", "kd", **{"labelled.rest": "transfer"})
+    gold_run = prepare("transformer3_nokd", "gold")
+    has_label = kd_run.train.features.scalars["has_label"]
+    labelled = [t for t, h in zip(kd_run.train.texts, has_label) if h]
+    assert len(gold_run.train) == 40 and labelled == gold_run.train.texts  # the same sample in both arms
+    assert sorted(kd_run.train.texts) == sorted(all_rows) and has_label.sum() == 40
+    assert set(gold_run.train.texts) <= set(all_rows)
+    assert prepare("transformer3_nokd", "seed1", seed=1).train.texts != gold_run.train.texts
+    bilstm = prepare("bilstm_nokd", "bilstm")  # a word-level student's vocabulary: the sampled rows' words only
+    words = {w for t in bilstm.train.texts for w in t.lower().split()}
+    assert set(bilstm.task.word_vocab.units) - words <= set(bilstm.task.word_vocab.units[:4])
+    with pytest.raises(config_validation.ConfigError, match="labelled.rest='transfer'"):
+        prepare("transformer3_nokd", "bad", **{"labelled.rest": "transfer"})

@@ -22,6 +22,7 @@ CORE = [
     "datasets>=5.2",
     "safetensors>=0.8",
     "numpy>=2.4",
+    "ml-dtypes>=0.6",  # FP8 (E4M3) rounding on the host: calibration and ONNX export
     "tqdm>=4.70",
     "matplotlib>=3.11",
     "onnx>=1.23",

@@ -1,11 +1,13 @@
-"""int8 quantization: straight-through fake quantization (QAT), TensorRT-style calibration (PTQ) and real int8
-execution, for every model family through Flax interception of Dense/DenseGeneral/Conv/Einsum/Embed calls.
+"""int8 and FP8 (E4M3) quantization: straight-through fake quantization (QAT), TensorRT-style calibration (PTQ) and
+real int8 execution, for every model family through Flax interception of Dense/DenseGeneral/Conv/Einsum/Embed
+calls. The format is part of a rule (``QuantRule(format="int" | "fp8")``), so one model can mix int8 and FP8.
 
 Modules:
 
-* :mod:`.qarray`: integer grids and scales, :class:`QArray` (int values + scale + zero point + bits + axis);
+* :mod:`.qarray`: integer and FP8 grids and scales, :class:`QArray` (int values + scale + zero point + bits + axis);
 * :mod:`.fake_quant`: :func:`fake_quantize`, quantize-dequantize with the straight-through gradient;
-* :mod:`.rules`: :class:`QuantRule`, :data:`DEFAULT_RULES`, the interception machinery, the "quant" layout;
+* :mod:`.rules`: :class:`QuantRule`, :data:`DEFAULT_RULES`, :data:`FP8_RULES`, :func:`with_format`, the
+  interception machinery, the "quant" layout;
 * :mod:`.calibrators`: max / percentile / MSE / entropy (KL) thresholds from histograms;
 * :mod:`.calibration`: :func:`calibrate`, :func:`collect_statistics` (activation statistics via interception);
 * :mod:`.qat`: :func:`fake_quant`, the transform for PTQ evaluation and QAT (fixed / EMA / learned scales);
@@ -22,6 +24,8 @@ Typical use::
     t = q.int8()
     variables8 = t.init(key, variables, model.apply, ids)                    # int8 kernels
     logits8 = t.wrap(model.apply)(variables8, ids).logits                   # real int8 matmuls
+    fp8 = q.calibrate(model.apply, {"params": variables["params"]}, calib_batches, q.FP8_RULES)  # amax / 448
+    logits = q.fake_quant(q.FP8_RULES).wrap(model.apply)(fp8, ids).logits   # simulated FP8
 
 From a saved model directory (``models.load``) and training-format batches (dicts with labels)::
 
@@ -66,7 +70,7 @@ from compression.quantization.ptq import (
     post_training_quantize,
     post_training_variants,
 )
-from compression.quantization.qarray import MIN_SCALE, QArray, qrange
+from compression.quantization.qarray import FORMATS, FP8_MAX, MIN_SCALE, QArray, qrange
 from compression.quantization.qat import (
     SCALE_MODES,
     fake_quant,
@@ -75,20 +79,22 @@ from compression.quantization.qat import (
 )
 from compression.quantization.rules import (
     DEFAULT_RULES,
+    FP8_RULES,
     MODULE_TYPES,
     QUANT,
     QuantRule,
     check_scales,
     find_input_qparams,
+    with_format,
 )
 
 __all__ = [
-    "CALIBRATORS", "DEFAULT_RULES", "MIN_SCALE", "MODULE_TYPES", "PTQ_CALIBRATORS", "QUANT", "SCALE_MODES",
+    "CALIBRATORS", "DEFAULT_RULES", "FORMATS", "FP8_MAX", "FP8_RULES", "MIN_SCALE", "MODULE_TYPES", "PTQ_CALIBRATORS", "QUANT", "SCALE_MODES",
     "ActivationStatistics",
     "Calibrator", "Call", "EntropyCalibrator", "MSECalibrator", "MaxCalibrator", "PercentileCalibrator", "QArray",
     "QuantRule", "QuantizationWarning", "Statistics", "calibrate", "check_scales", "collect_statistics",
     "compute_scales", "convert_to_int8", "dense_quant_scales", "entropy_threshold", "fake_quant", "fake_quantize",
     "find_input_qparams", "get_calibrator", "int8", "int8_variables", "int8_weights", "mse_threshold",
     "percentile_threshold", "post_training_quantize", "post_training_variants", "project_scales", "qat_loss",
-    "qrange",
+    "qrange", "with_format",
 ]

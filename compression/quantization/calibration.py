@@ -21,8 +21,8 @@ temporary ``"calibration"`` collection:
   histogram is exact). Modules that share an input scale histogram over their common ``amax``.
 
 Then :mod:`compression.quantization.calibrators` turns each (shared) activation's statistics into a clipping
-threshold and the scale ``threshold / qmax`` (asymmetric rules: min/max), stored in the ``"quant"``
-collection at the places :mod:`compression.quantization.rules` documents.
+threshold and the scale ``threshold / qmax`` (448 for FP8 rules; asymmetric rules: min/max), stored in the
+``"quant"`` collection at the places :mod:`compression.quantization.rules` documents.
 
 Batches: each element of ``batches`` is a tuple (positional arguments after ``variables``), a dict (keyword
 arguments), a :class:`Call` (both) or a single array (one positional argument); ``apply_kwargs`` (e.g.
@@ -412,6 +412,9 @@ def compute_scales(stats: Statistics, method: str | Calibrator | None = None) ->
             flat[owner + (scale_name.replace("scale", "zero_point"),)] = jnp.asarray(zero_point, jnp.float32)
             continue
         calibrator = override or rule.get_calibrator()
+        if rule.format not in calibrator.formats:
+            raise ValueError(f"calibrator {calibrator.name!r} cannot calibrate the {rule.format} activation of "
+                             f"{names} (it calibrates {', '.join(calibrator.formats)})")
         if e.amax <= 0:
             warnings.warn(f"the input of module(s) {names} is all zero over the calibration batches; using the "
                           f"floor scale {MIN_SCALE:g} (any positive scale represents zero exactly)",
@@ -426,8 +429,9 @@ def compute_scales(stats: Statistics, method: str | Calibrator | None = None) ->
             if calibrator.needs_histogram and e.hist is None:
                 raise ValueError(f"calibrator {calibrator.name!r} needs histograms; collect the statistics with "
                                  "histogram=True")
-            threshold = calibrator.threshold(e.amax, e.hist, rule.bits)
-        scale = symmetric_scale(threshold, rule.bits)
+            by_format = {} if rule.format == "int" else {"format": rule.format}
+            threshold = calibrator.threshold(e.amax, e.hist, rule.bits, **by_format)
+        scale = symmetric_scale(threshold, rule.bits, rule.format)
         if not np.isfinite(float(scale)) or float(scale) <= 0:
             raise ValueError(f"calibration of {names} produced an invalid scale {float(scale)}")
         flat[owner + (scale_name,)] = jnp.asarray(scale, jnp.float32)

@@ -24,6 +24,12 @@ absolute values ``|x|`` in ``num_bins`` (2048) equal bins over ``[0, amax]``, ``
   TensorRT's slide. Folding the outliers into ``P`` but not into ``Q`` is what makes clipping cost divergence.
   If every candidate diverges (degenerate histograms) ``T = amax``.
 
+**FP8** (E4M3, ``format="fp8"``): ``max`` and ``percentile`` give the same thresholds as for int8 (the scale is
+then ``T / 448``); ``mse`` measures the error of E4M3 rounding (``ml_dtypes.float8_e4m3fn``) instead of the
+integer grid's. ``entropy`` is int8's only: its candidate distributions merge bins into the 128 equal levels of
+the integer grid, which FP8's logarithmically spaced values do not have (NVIDIA's Model Optimizer calibrates FP8
+with max). A calibrator lists the formats it calibrates in ``formats``.
+
 The functions are plain numpy (float64) and run on the host after collection.
 """
 
@@ -32,9 +38,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 
-from compression.quantization.qarray import check_bits, qrange
+from compression.quantization.qarray import FP8_MAX, check_bits, check_format, qrange
 
 DEFAULT_NUM_BINS = 2048  # TensorRT's histogram size
 
@@ -61,27 +68,37 @@ def percentile_threshold(hist, amax: float, percentile: float) -> float:
     return float(amax) * (idx + 1) / hist.size
 
 
-def histogram_mse(hist, amax: float, thresholds, bits: int) -> np.ndarray:
-    """Expected squared error of symmetric ``bits``-bit quantisation with each clipping threshold.
+def fp8_grid(t: np.ndarray) -> np.ndarray:
+    """``t`` saturated to +-448 and rounded to the nearest float8_e4m3fn (ties to even), as float64."""
+    return np.clip(t, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+
+
+def histogram_mse(hist, amax: float, thresholds, bits: int, format: str = "int") -> np.ndarray:
+    """Expected squared error of symmetric ``bits``-bit quantisation (or FP8) with each clipping threshold.
 
     Each bin of ``hist`` (over ``[0, amax]``) is represented by its centre. Returns one value per threshold:
     ``sum_j hist_j (fq(c_j; T) - c_j)^2 / sum_j hist_j``.
     """
     hist = _check_hist(hist)
-    _, qmax = qrange(bits, True)
     width = float(amax) / hist.size
     centres = (np.arange(hist.size) + 0.5) * width
     t = np.asarray(thresholds, dtype=np.float64)[:, None]
-    scale = t / qmax
-    fq = np.clip(np.round(centres[None, :] / scale), -qmax, qmax) * scale
+    if check_format(format, bits) == "fp8":
+        scale = t / FP8_MAX
+        fq = fp8_grid(centres[None, :] / scale) * scale
+    else:
+        _, qmax = qrange(bits, True)
+        scale = t / qmax
+        fq = np.clip(np.round(centres[None, :] / scale), -qmax, qmax) * scale
     return ((fq - centres[None, :]) ** 2 @ hist) / hist.sum()
 
 
-def mse_threshold(hist, amax: float, bits: int = 8) -> float:
+def mse_threshold(hist, amax: float, bits: int = 8, format: str = "int") -> float:
     """The bin upper edge minimising :func:`histogram_mse` (first minimum)."""
     hist = _check_hist(hist)
     candidates = float(amax) * np.arange(1, hist.size + 1) / hist.size
-    errors = np.concatenate([histogram_mse(hist, amax, chunk, bits) for chunk in np.array_split(candidates, 8)])
+    errors = np.concatenate([histogram_mse(hist, amax, chunk, bits, format)
+                             for chunk in np.array_split(candidates, 8)])
     return float(candidates[int(np.argmin(errors))])
 
 
@@ -134,22 +151,26 @@ def entropy_threshold(hist, amax: float, bits: int = 8) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Calibrator(abc.ABC):
-    """A clipping-threshold method. ``needs_histogram``: whether it reads the histogram (second pass)."""
+    """A clipping-threshold method. ``needs_histogram``: whether it reads the histogram (second pass);
+    ``formats``: the quantization formats it calibrates (``"int"``, ``"fp8"``)."""
 
     name = "calibrator"
     needs_histogram = True
+    formats = ("int",)
 
     @abc.abstractmethod
     def threshold(self, amax: float, hist: np.ndarray | None, bits: int) -> float:
-        """Clipping threshold from the running max ``amax`` and the |x| histogram over ``[0, amax]``."""
+        """Clipping threshold from the running max ``amax`` and the |x| histogram over ``[0, amax]``. A calibrator
+        of several formats also takes ``format=`` (passed only for formats other than ``"int"``)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class MaxCalibrator(Calibrator):
     name = "max"
     needs_histogram = False
+    formats = ("int", "fp8")
 
-    def threshold(self, amax, hist, bits):
+    def threshold(self, amax, hist, bits, format="int"):
         return float(amax)
 
 
@@ -157,21 +178,23 @@ class MaxCalibrator(Calibrator):
 class PercentileCalibrator(Calibrator):
     percentile: float = 99.99
     name = "percentile"
+    formats = ("int", "fp8")
 
     def __post_init__(self):
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
 
-    def threshold(self, amax, hist, bits):
+    def threshold(self, amax, hist, bits, format="int"):
         return percentile_threshold(hist, amax, self.percentile)
 
 
 @dataclasses.dataclass(frozen=True)
 class MSECalibrator(Calibrator):
     name = "mse"
+    formats = ("int", "fp8")
 
-    def threshold(self, amax, hist, bits):
-        return mse_threshold(hist, amax, bits)
+    def threshold(self, amax, hist, bits, format="int"):
+        return mse_threshold(hist, amax, bits, format)
 
 
 @dataclasses.dataclass(frozen=True)

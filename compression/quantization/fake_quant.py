@@ -12,6 +12,12 @@ per-channel). The rounding has no useful derivative, so the backward pass is the
 * w.r.t. ``zero_point``: ``-s`` outside the range, 0 inside, summed likewise.
 
 The quantization itself runs in float32 whatever the dtype of ``x``; the result has the dtype of ``x``.
+
+**FP8** (``format="fp8"``, E4M3FN, see :mod:`compression.quantization.qarray`): ``fp8(clip(x / s, -448, 448)) * s``,
+the nearest E4M3 value with ties to even (TensorRT's and ONNX's FP8 ``QuantizeLinear``). The gradients are the
+same straight-through ones with the E4M3 rounding in place of ``round`` and ``[-448, 448]`` as the range:
+identity for ``x`` inside ``|x / s| <= 448``, zero outside; for ``scale``, ``fp8(x/s) - x/s`` inside and
+``+-448`` outside.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ import jax.numpy as jnp
 from compression.quantization.qarray import (
     MIN_SCALE,
     Axis,
+    FP8_MAX,
     broadcast_param,
     check_bits,
+    check_format,
+    fp8_round,
     normalize_axes,
     qrange,
 )
@@ -37,23 +46,24 @@ def _sum_to(g: jax.Array, axes: tuple[int, ...] | None) -> jax.Array:
     return jnp.sum(g, axis=tuple(a for a in range(g.ndim) if a not in keep))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fq(x, scale, zero_point, qmin, qmax, axes):
-    return _fq_fwd(x, scale, zero_point, qmin, qmax, axes)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fq(x, scale, zero_point, qmin, qmax, axes, format):
+    return _fq_fwd(x, scale, zero_point, qmin, qmax, axes, format)[0]
 
 
-def _fq_fwd(x, scale, zero_point, qmin, qmax, axes):
+def _fq_fwd(x, scale, zero_point, qmin, qmax, axes, format):
     xf = x.astype(jnp.float32)
     s = broadcast_param(jnp.maximum(scale.astype(jnp.float32), MIN_SCALE), x.ndim, axes)
     z = broadcast_param(zero_point.astype(jnp.float32), x.ndim, axes)
     t = xf / s
-    r = jnp.round(t)
+    r = jnp.round(t) if format == "int" else fp8_round(t)
     q = jnp.clip(r + z, qmin, qmax)
     y = ((q - z) * s).astype(x.dtype)
     return y, (t, r, s, z, scale, zero_point)
 
 
-def _fq_bwd(qmin, qmax, axes, res, g):
+def _fq_bwd(qmin, qmax, axes, format, res, g):
+    del format  # the same straight-through rule on either grid
     t, r, s, z, scale, zero_point = res
     gf = g.astype(jnp.float32)
     u = t + z  # position on the integer grid before rounding
@@ -71,7 +81,7 @@ _fq.defvjp(_fq_fwd, _fq_bwd)
 
 
 def fake_quantize(x: jax.Array, scale, zero_point=None, *, bits: int = 8, symmetric: bool = True,
-                  axis: Axis = None) -> jax.Array:
+                  axis: Axis = None, format: str = "int") -> jax.Array:
     """Quantize-dequantize ``x`` with the straight-through gradient described in the module docstring.
 
     Args:
@@ -82,11 +92,13 @@ def fake_quantize(x: jax.Array, scale, zero_point=None, *, bits: int = 8, symmet
       bits: 2..8.
       symmetric: narrow signed grid with zero point 0 (TensorRT), or unsigned grid with ``zero_point``.
       axis: per-channel axes of ``x`` (int or tuple), or ``None``.
+      format: ``"int"`` (the integer grid of ``bits``) or ``"fp8"`` (E4M3FN; 8 bits, symmetric only).
 
     Returns:
       An array like ``x`` (same shape and dtype) on the quantization grid.
     """
     bits = check_bits(bits)
+    check_format(format, bits, symmetric)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"fake_quantize takes a float array, got dtype {x.dtype}")
@@ -111,5 +123,5 @@ def fake_quantize(x: jax.Array, scale, zero_point=None, *, bits: int = 8, symmet
         if scale.shape != expected:
             raise ValueError(f"per-channel scale over axes {axes} of an array {x.shape} must have shape "
                              f"{expected}, got {scale.shape}")
-    qmin, qmax = qrange(bits, symmetric)
-    return _fq(x, scale, zero_point, qmin, qmax, axes)
+    qmin, qmax = qrange(bits, symmetric) if format == "int" else (-FP8_MAX, FP8_MAX)
+    return _fq(x, scale, zero_point, qmin, qmax, axes, format)

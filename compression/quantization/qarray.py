@@ -18,6 +18,12 @@ Conventions (shared by fake quantization, calibration, the int8 path and the ONN
   ``axis=None`` and a scalar scale.
 * Scales are never zero or infinite: they are floored at :data:`MIN_SCALE` (an all-zero channel then
   quantizes to zeros exactly).
+* **FP8** (``format="fp8"``): the E4M3FN grid of ``ml_dtypes.float8_e4m3fn`` (ONNX ``float8e4m3fn``): 4 exponent
+  and 3 mantissa bits, bias 7, no infinities, largest finite value :data:`FP8_MAX` = 448, subnormals down to
+  ``2^-9``. Always symmetric (zero point 0); ``scale = amax / 448``; quantize:
+  ``q = fp8(clip(x / scale, -448, 448))``, rounding to the nearest E4M3 value with ties to even, as TensorRT and
+  ONNX ``QuantizeLinear`` (saturating) do; dequantize: ``q * scale``. The clip comes first because the cast
+  itself does not saturate (values beyond 464 become NaN).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import numpy as np
 
 MIN_BITS, MAX_BITS = 2, 8
 MIN_SCALE = 1e-8  # floor of every scale: never a zero (division) or subnormal scale
+FORMATS = ("int", "fp8")  # integer grids of 2..8 bits; FP8 E4M3FN (8 bits)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 Axis = int | Sequence[int] | None
 
@@ -40,6 +48,27 @@ def check_bits(bits: int) -> int:
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"num_bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
     return int(bits)
+
+
+def check_format(format: str, bits: int = 8, symmetric: bool = True) -> str:
+    """Returns ``format`` if it is one of :data:`FORMATS` and fits ``bits``/``symmetric`` (FP8 is 8 bits and
+    symmetric); raises ``ValueError`` otherwise."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown quantization format {format!r}; known: {', '.join(FORMATS)}")
+    if format == "fp8" and (bits != 8 or not symmetric):
+        raise ValueError(f"the fp8 format (E4M3) is 8 bits and symmetric; got bits={bits}, symmetric={symmetric}")
+    return format
+
+
+def grid_max(bits: int, format: str = "int") -> float:
+    """The largest magnitude of the symmetric grid: ``2^(b-1) - 1`` (127 for int8), or 448 for FP8."""
+    return FP8_MAX if check_format(format, bits) == "fp8" else float(qrange(bits, True)[1])
+
+
+def fp8_round(t) -> jax.Array:
+    """``t`` (float32) saturated to +-448 and rounded to the nearest float8_e4m3fn (ties to even), as float32."""
+    t = jnp.clip(jnp.asarray(t, jnp.float32), -FP8_MAX, FP8_MAX)
+    return t.astype(jnp.float8_e4m3fn).astype(jnp.float32)
 
 
 def qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
@@ -100,9 +129,12 @@ def reduce_amax(x: jax.Array, axes: tuple[int, ...] | None) -> jax.Array:
     return jnp.max(jnp.abs(x), axis=red)
 
 
-def symmetric_scale(amax, bits: int):
-    """``amax / qmax`` floored at :data:`MIN_SCALE` (float32)."""
-    _, qmax = qrange(bits, True)
+def symmetric_scale(amax, bits: int, format: str = "int"):
+    """``amax / qmax`` floored at :data:`MIN_SCALE` (float32); ``qmax`` = :func:`grid_max` (448 for FP8)."""
+    if format == "int":
+        _, qmax = qrange(bits, True)
+    else:
+        qmax = grid_max(bits, format)
     return jnp.maximum(jnp.asarray(amax, jnp.float32) / qmax, MIN_SCALE)
 
 

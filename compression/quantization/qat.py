@@ -1,4 +1,4 @@
-"""The fake-quantization transform: simulated int8 for PTQ evaluation and quantization-aware training.
+"""The fake-quantization transform: simulated int8 or FP8 for PTQ evaluation and quantization-aware training.
 
 ::
 
@@ -9,11 +9,13 @@
 Every module selected by the rules (see :mod:`compression.quantization.rules`) runs with its weight
 fake-quantized (symmetric, per output channel, scale = max |w| per channel recomputed at every call, no gradient
 through the scale) and its input activation fake-quantized per-tensor with the scale held in the ``"quant"``
-collection. Gradients are straight-through (:func:`compression.quantization.fake_quant.fake_quantize`), so the
-wrapped model trains with any loss (task, distillation).
+collection, on the grid of its rule's format (int8, or FP8 E4M3 for ``format="fp8"`` rules, e.g.
+:data:`~compression.quantization.rules.FP8_RULES`). Gradients are straight-through
+(:func:`compression.quantization.fake_quant.fake_quantize`), so the wrapped model trains with any loss (task,
+distillation).
 
-A Dense layer whose weight and (symmetric) input are both quantized -- the layers the int8 path runs as int8
-matmuls (:func:`integer_dense`) -- computes its product the way the int8 kernel does: the integer grid values of
+A Dense layer whose weight and (symmetric) input are both on an integer grid -- the layers the int8 path runs as
+int8 matmuls (:func:`integer_dense`) -- computes its product the way the int8 kernel does: the integer grid values of
 both operands multiplied in float32 (exact while the sums stay below 2^24, i.e. always for contractions up to
 1040 terms and in practice far beyond), then one rescale by ``s_x * s_w``. The simulated and the real int8
 model then agree to the bit instead of up to float32 rounding (which, in a deep model, occasionally moves an
@@ -94,20 +96,23 @@ __all__ = ["SCALE_MODES", "fake_quant", "fake_quant_call", "fake_quant_hook", "f
 def weight_scale(w: jax.Array, target: Target) -> jax.Array:
     """The symmetric weight scale: max |w| / qmax per channel on ``target.weight_axes`` (no gradient), float32."""
     axes = normalize_axes(target.weight_axes, w.ndim)
-    return jax.lax.stop_gradient(symmetric_scale(reduce_amax(w.astype(jnp.float32), axes), target.rule.bits))
+    return jax.lax.stop_gradient(symmetric_scale(reduce_amax(w.astype(jnp.float32), axes), target.rule.bits,
+                                                 target.rule.format))
 
 
 def quantize_weight(w: jax.Array, target: Target) -> jax.Array:
     """Symmetric fake quantization of a weight, per channel on ``target.weight_axes`` (max scale, no gradient)."""
     axes = normalize_axes(target.weight_axes, w.ndim)
-    return fake_quantize(w, weight_scale(w, target), bits=target.rule.bits, symmetric=True, axis=axes)
+    return fake_quantize(w, weight_scale(w, target), bits=target.rule.bits, symmetric=True, axis=axes,
+                         format=target.rule.format)
 
 
 def integer_dense(target: Target) -> bool:
-    """Whether ``target`` is a Dense call whose weight and symmetric input are both quantized: the layers the
-    int8 path converts, and whose fake-quantized product is computed on the integer grid."""
+    """Whether ``target`` is a Dense call whose weight and symmetric input are both quantized on an integer grid:
+    the layers the int8 path converts, and whose fake-quantized product is computed on the integer grid (an FP8
+    Dense multiplies its dequantized operands in float32, as the exported graph does)."""
     return (target.kind == "Dense" and target.quantize_weight and target.quantize_input
-            and target.rule.symmetric and target.method == "__call__")
+            and target.rule.symmetric and target.rule.format == "int" and target.method == "__call__")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -151,7 +156,8 @@ def _ema_update(module: nn.Module, target: Target, x, scale, zero_point, decay: 
     state.updated.add(key)
     xf = jax.lax.stop_gradient(x.astype(jnp.float32))
     if target.rule.symmetric:
-        new_scale = decay * scale + (1 - decay) * symmetric_scale(reduce_amax(xf, None), target.rule.bits)
+        new_scale = decay * scale + (1 - decay) * symmetric_scale(reduce_amax(xf, None), target.rule.bits,
+                                                                  target.rule.format)
         owner.put_variable(QUANT, target.scale_name, new_scale)
         return new_scale, zero_point
     obs_scale, obs_zp = asymmetric_params(*reduce_range(xf, None), target.rule.bits)
@@ -181,14 +187,16 @@ def fake_quant_operands(target: Target, module: nn.Module, ops: list, scales: st
                 scale = jax.lax.stop_gradient(scale)
             if zero_point is not None:
                 zero_point = jax.lax.stop_gradient(zero_point)
-            ops[target.input_index] = fake_quantize(x, scale, zero_point, bits=rule.bits, symmetric=rule.symmetric)
+            ops[target.input_index] = fake_quantize(x, scale, zero_point, bits=rule.bits, symmetric=rule.symmetric,
+                                                    format=rule.format)
             used["input"] = jnp.maximum(jnp.asarray(scale, jnp.float32), MIN_SCALE)
     if target.quantize_weight:
         w = ops[target.weight_index]
         if jnp.issubdtype(w.dtype, jnp.floating):
             used["weight"] = weight_scale(w, target)
             axes = normalize_axes(target.weight_axes, w.ndim)
-            ops[target.weight_index] = fake_quantize(w, used["weight"], bits=rule.bits, symmetric=True, axis=axes)
+            ops[target.weight_index] = fake_quantize(w, used["weight"], bits=rule.bits, symmetric=True, axis=axes,
+                                                     format=rule.format)
     return ops
 
 

@@ -12,6 +12,12 @@ of a bidirectional LSTM layer. A fused ``qkv`` Dense has one input and shares na
 Embeddings are left in float by default (TensorRT's BERT keeps the embedding gathers in float); add
 ``"Embed"`` to a rule's ``module_types`` to quantize tables per row.
 
+**Formats.** A rule's ``format`` is ``"int"`` (the integer grid of ``bits``: int8 by default) or ``"fp8"``
+(E4M3FN, scale ``amax / 448``; weights and activations alike, weights per channel when ``per_channel``), so one
+model can mix formats: the first matching rule decides each module's. :data:`FP8_RULES` are the default rules
+in FP8, and :func:`with_format` turns any rule list into another format. FP8 calibrates with ``max``,
+``percentile`` or ``mse`` (TensorRT's entropy calibration is defined on the 128 levels of int8).
+
 **What is quantized per module class** (``weight_axes``: the per-channel, i.e. output, axes of the weight):
 
 ===============  ==========================  =====================  ==========================================
@@ -57,7 +63,7 @@ import numpy as np
 from flax import traverse_util
 
 from compression.quantization.calibrators import Calibrator, get_calibrator
-from compression.quantization.qarray import MIN_SCALE, check_bits
+from compression.quantization.qarray import MIN_SCALE, check_bits, check_format
 from compression.transform import module_path
 
 QUANT = "quant"  # the variable collection of scales
@@ -93,6 +99,8 @@ class QuantRule:
         at the same path prefix share one input scale, stored at that prefix (which must be an ancestor
         module's path, e.g. the attention block for ``r"^(.*)/(query|key|value)$"`` with group 1).
       required: a required rule that matches no module is an error at calibration/initialisation.
+      format: ``"int"`` (integer grid of ``bits``) or ``"fp8"`` (E4M3FN: 8 bits, symmetric; calibrators
+        ``max``, ``percentile`` or ``mse``).
     """
 
     module_path: str = ".*"
@@ -105,6 +113,7 @@ class QuantRule:
     module_types: tuple[str, ...] = DEFAULT_MODULE_TYPES
     share_input_scale_group: int | str | None = None
     required: bool = True
+    format: str = "int"
 
     def __post_init__(self):
         try:
@@ -112,6 +121,10 @@ class QuantRule:
         except re.error as e:
             raise ValueError(f"QuantRule.module_path {self.module_path!r} is not a valid regex: {e}") from None
         check_bits(self.bits)
+        try:
+            check_format(self.format, self.bits, self.symmetric)
+        except ValueError as e:
+            raise ValueError(f"QuantRule {self.module_path!r}: {e}") from None
         types = (self.module_types,) if isinstance(self.module_types, str) else tuple(self.module_types)
         object.__setattr__(self, "module_types", types)
         unknown = [t for t in self.module_types if t not in MODULE_TYPES]
@@ -119,6 +132,9 @@ class QuantRule:
             raise ValueError(f"QuantRule {self.module_path!r}: unknown module_types {unknown or '()'}; "
                              f"known: {', '.join(MODULE_TYPES)}")
         calibrator = get_calibrator(self.calibrator)
+        if self.format not in calibrator.formats:
+            raise ValueError(f"QuantRule {self.module_path!r}: calibrator {calibrator.name!r} does not calibrate the "
+                             f"{self.format} format (it calibrates {', '.join(calibrator.formats)})")
         if not self.symmetric and calibrator.needs_histogram:
             raise ValueError(f"QuantRule {self.module_path!r}: asymmetric activations calibrate with 'max' "
                              f"(min/max) only, got calibrator {calibrator.name!r}")
@@ -147,6 +163,7 @@ DEFAULT_RULES: tuple[QuantRule, ...] = (
 )
 
 
+
 def check_rules(rules: Sequence[QuantRule]) -> tuple[QuantRule, ...]:
     """Validates a rule list (non-empty, all :class:`QuantRule`)."""
     if isinstance(rules, QuantRule):
@@ -158,6 +175,18 @@ def check_rules(rules: Sequence[QuantRule]) -> tuple[QuantRule, ...]:
         if not isinstance(r, QuantRule):
             raise TypeError(f"rules must be QuantRule objects, got {type(r).__name__}")
     return rules
+
+
+def with_format(rules: Sequence[QuantRule], format: str) -> tuple[QuantRule, ...]:
+    """``rules`` with every quantizing rule in ``format`` (``"int"`` or ``"fp8"``; exclusions unchanged).
+
+    Raises ``ValueError`` naming the rule when one cannot be in that format (to FP8: an entropy calibrator, an
+    asymmetric or a low-bit rule)."""
+    return tuple(r if not (r.weights or r.inputs) else dataclasses.replace(r, format=format)
+                 for r in check_rules(rules))
+
+
+FP8_RULES: tuple[QuantRule, ...] = with_format(DEFAULT_RULES, "fp8")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,8 +341,8 @@ class Tracker:
             if not t.quantize_input:
                 continue
             first = owners.setdefault((t.owner, t.scale_name), t)
-            if (first.rule.bits, first.rule.symmetric, first.rule.get_calibrator()) != (
-                    t.rule.bits, t.rule.symmetric, t.rule.get_calibrator()):
+            if (first.rule.bits, first.rule.symmetric, first.rule.format, first.rule.get_calibrator()) != (
+                    t.rule.bits, t.rule.symmetric, t.rule.format, t.rule.get_calibrator()):
                 raise ValueError(f"{what}: {first.name} and {t.name} share an input scale at "
                                  f"{'/'.join(t.owner)!r} but their rules quantize differently")
 

@@ -192,6 +192,25 @@ def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the recipe's unfinished stages in order, then the report; returns ``{stage: results}``."""
     workdir = storage.absolute(workdir)
     names = check_recipe(config, workdir)
+    out = run_stages(config, workdir, names, record=_recipe_record(config, names))
+    writer = observe.is_writer()
+    if config.report.enabled and writer:
+        from experiments.tools import report
+        # this recipe's stages in order (not every folder: outputs set aside as *.stale-* are not in the report)
+        report.build_report([os.path.join(workdir, n) for n in names], workdir, reference=names[0],
+                            batch=config.report.batch,
+                            seq=config.report.seq, rounds=config.report.rounds,
+                            title=f"Compression report: {config.task}")
+        logging.info("report: %s (and report.html, plots)", os.path.join(workdir, "report.md"))
+    _sync("recipe_report_done")
+    return out
+
+
+def run_stages(config: ml_collections.ConfigDict, workdir: str, names: list[str], record: dict | None = None) -> dict:
+    """Links, validates and runs the unfinished ones of stages ``names`` (checked by :func:`check_recipe`) in
+    order, skipping finished stages by their keys; returns ``{stage: results}``. ``record`` (the recipe's
+    ``recipe.json``) claims the workdir for one recipe; None leaves it open to other stage lists over the same
+    stages (the claims study: each claim runs its own stages, shared ones once)."""
     view = registry.RecipeView(config, workdir, tuple(names))
     for name in names:  # every stage config linked and validated before any stage runs
         stage = config[name]
@@ -202,7 +221,8 @@ def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
             job.validate(stage.config)
         except config_validation.ConfigError as e:
             raise config_validation.ConfigError(f"stage {name!r}: {e}") from e
-    _claim_workdir(workdir, _recipe_record(config, names))
+    if record is not None:
+        _claim_workdir(workdir, record)
     keys = stage_keys(config, names, workdir)
     writer = observe.is_writer()
     out = {}
@@ -226,13 +246,4 @@ def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("[%d/%d] %s finished in %.1f s", i + 1, len(names), name, time.time() - start)
         _sync(f"recipe_{name}_done")
         out[name] = read_results(stage_dir)
-    if config.report.enabled and writer:
-        from experiments.tools import report
-        # this recipe's stages in order (not every folder: outputs set aside as *.stale-* are not in the report)
-        report.build_report([os.path.join(workdir, n) for n in names], workdir, reference=names[0],
-                            batch=config.report.batch,
-                            seq=config.report.seq, rounds=config.report.rounds,
-                            title=f"Compression report: {config.task}")
-        logging.info("report: %s (and report.html, plots)", os.path.join(workdir, "report.md"))
-    _sync("recipe_report_done")
     return out

@@ -38,6 +38,7 @@ from absl import flags
 
 from compression import quantization
 from experiments.benchmarks import common
+from experiments.runtime import hardware
 from experiments.tools import cli
 from models.transformer import Transformer, TransformerConfig
 
@@ -112,7 +113,7 @@ def measure(batch: int, seq: int, rounds: int, with_torch: bool) -> dict:
            "speedup": med["float32"] / med["int8"], "tokens_per_s_float32": batch * seq / med["float32"],
            "tokens_per_s_int8": batch * seq / med["int8"], "ffn_gemm_speedup": med["gemm_float32"] / med["gemm_int8"],
            "int8_vs_fake_quant_max_abs_diff": drift, "int8_vs_fake_quant_rel_diff": drift / max(scale, 1e-30),
-           "cpu_int8_isa": common.cpu_isa(), "times_s": times}
+           "cpu_int8_isa": hardware.cpu_isa(), "times_s": times}
     if "torch_int8_dynamic" in med:
         out["torch_float32_ms"] = 1e3 * med["torch_float32"]
         out["torch_int8_dynamic_ms"] = 1e3 * med["torch_int8_dynamic"]

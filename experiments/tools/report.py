@@ -34,7 +34,7 @@ from absl import app, flags, logging
 
 import models
 from experiments.benchmarks import common
-from experiments.runtime import trainer
+from experiments.runtime import hardware, trainer
 from models import storage
 
 
@@ -411,7 +411,7 @@ def _rows(entries: list[Entry], reference: Entry) -> list[list[str]]:
 
 def hardware_line(env: dict) -> str:
     """One line naming what the speeds were measured on, with the instructions that decide int8/fp16 speed."""
-    isa = ", ".join(env.get("cpu_isa") or []) or "none of " + ", ".join(common.INT8_ISA_FLAGS)
+    isa = ", ".join(env.get("cpu_isa") or []) or "none of " + ", ".join(hardware.INT8_ISA_FLAGS)
     return (f"Hardware: {env.get('cpu_model') or 'unknown CPU'} ({env.get('machine')}), {env.get('threads')} "
             f"threads; int8/fp16 instructions: {isa}; JAX {env.get('jax')} on {env.get('platform')}.")
 
@@ -422,7 +422,7 @@ def hardware_notes(entries: list[Entry], env: dict) -> list[str]:
     isa, notes = set(env.get("cpu_isa") or []), []
     if env.get("platform") != "cpu":
         return notes
-    if any("int8" in e.variant for e in entries) and not isa & set(common.INT8_DOT_FLAGS):
+    if any("int8" in e.variant for e in entries) and not isa & set(hardware.INT8_DOT_FLAGS):
         notes.append("int8 rows: this CPU has no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), so "
                      "int8 matrix products run at about float32 speed here; int8 buys size, and speed on CPUs that "
                      "have them (or on GPUs through TensorRT).")

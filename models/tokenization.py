@@ -80,7 +80,7 @@ class Tokenizer:
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, pad_token: str = "[PAD]", unk_token: str = "[UNK]",
-                 source: str = "<memory>"):
+                 source: str = "<memory>", special_tokens: dict[str, str] | None = None):
         backend.no_padding()
         backend.no_truncation()
         self._tok = backend
@@ -90,6 +90,8 @@ class Tokenizer:
         self.pad_id = pad_id
         self.unk_token = unk_token
         self.source = source
+        self.special_tokens = {**_DEFAULT_SPECIALS, "pad_token": pad_token, "unk_token": unk_token,
+                               **(special_tokens or {})}
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
@@ -116,7 +118,8 @@ class Tokenizer:
             source = path / "vocab.txt"
         else:
             raise FileNotFoundError(f"{path} has neither tokenizer.json nor vocab.txt")
-        return cls(backend, pad_token=specials["pad_token"], unk_token=specials["unk_token"], source=str(source))
+        return cls(backend, pad_token=specials["pad_token"], unk_token=specials["unk_token"], source=str(source),
+                   special_tokens=specials)
 
     @property
     def vocab_size(self) -> int:
@@ -127,6 +130,15 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
+
+    def special_ids(self) -> dict[str, int | None]:
+        """``{"cls_token": id, "sep_token": id, "pad_token": id, "mask_token": id, "unk_token": id}`` (None for a
+        token the vocabulary lacks, e.g. ``[MASK]`` in a word-level vocabulary)."""
+        return {name: self._tok.token_to_id(token) for name, token in self.special_tokens.items()}
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids without special tokens, untruncated (raw text for packing into sequences)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

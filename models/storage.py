@@ -17,6 +17,12 @@ A single file is atomic on both: a local rename, or one object upload, which a s
 
 Remote listings are not cached (``use_listings_cache=False``): the processes of a pod write into the same bucket
 and each must see the others' files after a barrier.
+
+Flaky stores. Every ``gs://`` request is retried on transient failures (429, 5xx, dropped connections, timeouts)
+with bounded exponential backoff, logged and counted, and a failed upload is checked before it is redone
+(:mod:`models.retries`, installed on import); a request still failing when the budget is spent raises
+:class:`~models.retries.StoreUnavailableError` naming the object. Existence checks never take an outage for a
+missing file.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from pathlib import Path
 from absl import logging
 from etils import epath
 
+from models import retries
+
 REMOTE_PREFIXES = ("gs://", "s3://", "az://")
 COMPLETE_MARKER = "_COMPLETE"  # written last into a finished directory (see the module docstring)
 
@@ -48,6 +56,7 @@ try:  # every process must see the files the others wrote: no stale directory li
         fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
 except ImportError:  # pragma: no cover - fsspec comes with etils[epath]
     pass
+retries.install()  # before any gs:// filesystem is made
 
 
 def is_remote(path: str | os.PathLike) -> bool:

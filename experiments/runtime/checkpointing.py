@@ -13,6 +13,11 @@ Restore reads ``meta`` first. A structure that differs from the template is a co
 error (start a new workdir); a checkpoint that fails to read or whose CRCs do not match is corrupt: it is
 moved to ``<directory>/corrupt/`` with a warning and the previous checkpoint is tried. Orbax writes into a
 temporary directory and renames it when complete, so a save cut short by a kill never shows up as a step.
+
+In a bucket Orbax writes its arrays through TensorStore, whose GCS requests retry on their own (32 times, delays
+doubling from 1 s to 32 s, about 15 minutes) with no Orbax setting for it; :func:`_install_tensorstore_retries`
+gives them the retry budget of every other store request (:mod:`models.retries`). A checkpoint that cannot be
+read because the store is down is not corrupt: the outage stops the run and the checkpoint stays where it is.
 """
 
 from __future__ import annotations
@@ -31,9 +36,34 @@ from orbax.checkpoint import checkpoint_managers
 
 from experiments.runtime.parallel import is_key
 from experiments.runtime.trainer import path_str
-from models import storage
+from models import retries, storage
 
 PyTree = Any
+
+
+def _install_tensorstore_retries() -> None:
+    """Makes Orbax's TensorStore contexts carry the store retry budget (``gcs_request_retries``), read when each
+    context is made. Orbax builds them in one function of its serialization utilities and takes no context from
+    the caller, so that function is wrapped; if it moves, TensorStore keeps its own retries (with a warning)."""
+    import tensorstore as ts
+
+    try:
+        from orbax.checkpoint._src.serialization import tensorstore_utils
+        make_context = tensorstore_utils.get_ts_context
+    except (ImportError, AttributeError):  # pragma: no cover - another Orbax
+        logging.warning("Orbax changed: TensorStore keeps its own GCS retries (up to 32, about 15 minutes)")
+        return
+    if getattr(make_context, "_nlpress_retries", False):
+        return
+
+    def get_ts_context(*args, **kwargs):
+        return ts.Context(retries.tensorstore_retries(), parent=make_context(*args, **kwargs))
+
+    get_ts_context._nlpress_retries = True
+    tensorstore_utils.get_ts_context = get_ts_context
+
+
+_install_tensorstore_retries()
 
 
 class CheckpointMismatchError(ValueError):
@@ -132,7 +162,9 @@ class Checkpointer:
         for step in self.steps():
             try:
                 metrics = self.read_meta(step).get("metrics")
-            except Exception:  # noqa: BLE001 - an unreadable checkpoint simply does not compete
+            except Exception as e:  # noqa: BLE001 - an unreadable checkpoint simply does not compete
+                if retries.is_outage(e):  # ... but an unreachable store stops the run
+                    raise
                 continue
             if metrics and self.best_metric in metrics:
                 scored.append((metrics[self.best_metric], step))
@@ -151,6 +183,8 @@ class Checkpointer:
         try:
             info = self.read_meta(step)
         except Exception as e:  # noqa: BLE001 - any read failure means the checkpoint is unusable
+            if retries.is_outage(e):  # the store is down, the checkpoint may be fine: stop, move nothing
+                raise
             raise IOError(f"checkpoint {step}: cannot read its metadata ({type(e).__name__}: {e})") from e
         self._check_structure(step, info, info_t)
         target = {k: np.zeros(v.shape, v.dtype) for k, v in flat_t.items()}
@@ -158,6 +192,8 @@ class Checkpointer:
             flat = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         except Exception as e:  # noqa: BLE001
+            if retries.is_outage(e):
+                raise
             raise IOError(f"checkpoint {step}: cannot read its arrays ({type(e).__name__}: {e})") from e
         for i, (name, expected) in enumerate(zip(sorted(target), info["crc32"])):
             arr = np.asarray(flat[name])

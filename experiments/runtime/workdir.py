@@ -15,9 +15,13 @@ machines outside one run.
 siblings, see :func:`models.storage.temporary_path`); call it while holding the lock, when no writer of this run
 can be mid-write.
 
-An object store has neither locks nor renames: a workdir in a bucket (``gs://...``) is not locked (one run per
-workdir is then the user's to keep; a pod's processes are one run), and it has no temporaries to clean, since
-writes there upload whole objects and publish directories with a completion marker (:mod:`models.storage`).
+An object store has neither locks nor renames. A workdir in a Cloud Storage bucket (``gs://...``) is held with a
+lease instead (:mod:`experiments.runtime.lease`): an object created only if absent, renewed by a heartbeat, taken
+over with a warning once its holder has not renewed it for the holder's timeout, released at the end; the same
+:class:`WorkdirBusyError` refuses a second run, and a run that loses its lease stops with
+:class:`WorkdirLostError`. (``s3://`` and ``az://`` workdirs are not locked: one run per workdir is then the
+user's to keep.) A bucket has no temporaries to clean, since writes there upload whole objects and publish
+directories with a completion marker (:mod:`models.storage`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pathlib import Path
 
 from absl import logging
 
+from experiments.runtime import lease
 from models import storage
 from models.storage import TEMPORARY_PATTERN
 
@@ -51,6 +56,11 @@ _held: dict[str, int] = {}
 
 class WorkdirBusyError(RuntimeError):
     """Another live process holds the workdir's lock; the message names it (pid, host, start time)."""
+
+
+class WorkdirLostError(RuntimeError):
+    """This run lost the lease of its bucket workdir (taken over by another run, or not renewable for longer than
+    its timeout) and stopped."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +120,19 @@ def _acquire(lock_path: str) -> int:
 
 @contextlib.contextmanager
 def lock(path: str | os.PathLike, *, enabled: bool = True) -> Iterator[None]:
-    """Holds the exclusive lock of workdir ``path`` (created if missing) for the ``with`` block.
+    """Holds the exclusive lock of workdir ``path`` (created if missing; a lease in a ``gs://`` bucket) for the
+    ``with`` block.
 
     Raises :class:`WorkdirBusyError` at once if another live process holds it. ``enabled=False`` does nothing
     (the caller passes ``jax.process_index() == 0``, so one process of a multi-host run takes it). Re-entrant
     within a process: a nested ``lock`` of a workdir this process holds is a no-op.
     """
-    if not enabled or storage.is_remote(path):
+    if not enabled:
         yield
+        return
+    if storage.is_remote(path):
+        with _lease(storage.absolute(path)):
+            yield
         return
     os.makedirs(path, exist_ok=True)
     key = os.path.realpath(path)
@@ -137,6 +152,37 @@ def lock(path: str | os.PathLike, *, enabled: bool = True) -> Iterator[None]:
         _write(fd, "")  # released cleanly: the next run takes it over without a warning
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _lease(url: str) -> Iterator[None]:
+    """:func:`lock` of a workdir in a bucket (see the module docstring)."""
+    if url in _held or not url.startswith("gs://"):
+        if url not in _held:
+            logging.warning("%s is not locked: leases need Cloud Storage's generation preconditions (gs://)", url)
+        _held[url] = _held.get(url, 0) + 1
+        try:
+            yield
+        finally:
+            _held[url] -= 1
+            if not _held[url]:
+                del _held[url]
+        return
+    held = lease.Lease(f"{url}/{LOCK_FILE}")
+    try:
+        held.acquire()
+    except lease.LeaseHeldError as e:
+        raise WorkdirBusyError(str(e)) from None
+    _held[url] = 1
+    try:
+        yield
+    except KeyboardInterrupt:
+        if held.lost:  # the heartbeat interrupted this thread
+            raise WorkdirLostError(held.lost) from None
+        raise
+    finally:
+        del _held[url]
+        held.release()
 
 
 def _size(path: Path) -> int:

@@ -125,3 +125,24 @@ def test_different_tree_is_a_config_error_not_corruption(tmp_path):
         ckpt.restore_latest({"v": np.zeros(3, np.float32)})
     assert ckpt.steps() == [1]  # left in place
     ckpt.close()
+
+
+def test_a_store_outage_is_not_corruption_and_tensorstore_gets_the_store_retry_budget(tmp_path, monkeypatch):
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    from models import retries
+
+    ckpt = Checkpointer(str(tmp_path), keep=3, async_save=False)
+    ckpt.save(1, _state(1.0))
+    ckpt.wait()
+
+    def store_down(step):
+        raise retries.StoreUnavailableError(f"GET gs://b/run/checkpoints/{step}/meta: still failing after 9 tries")
+
+    monkeypatch.setattr(ckpt, "read_meta", store_down)
+    with pytest.raises(retries.StoreUnavailableError, match="checkpoints/1/meta"):
+        ckpt.restore_latest(_state())
+    assert ckpt.steps() == [1] and not (tmp_path / "corrupt").exists()  # nothing moved aside
+    ckpt.close()
+    spec = tensorstore_utils.get_ts_context(use_ocdbt=True)["gcs_request_retries"].to_json()
+    assert spec["max_retries"] == retries.policy().retries_within_budget()

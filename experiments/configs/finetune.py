@@ -5,7 +5,7 @@ Launch (one CPU, one TPU host, or every worker of a pod slice; see launch/README
     python -m experiments.main --config=experiments/configs/finetune.py:sst2 --workdir=/tmp/sst2 \\
         --config.data_dir=../shared/data/sst2
 
-TASK is one of ``synthetic``, ``sst2``, ``mrpc``, ``rte``, ``wikiann``, ``wnut17``. ``data_dir`` is the
+TASK is one of ``synthetic``, ``sst2``, ``mrpc``, ``rte``, ``agnews``, ``wikiann``, ``wnut17``. ``data_dir`` is the
 task's folder laid out as in ../shared/data (defaults to that folder beside the checkout when it exists);
 ``model_dir`` is a Hugging Face BERT checkpoint directory (default: the MiniLM package's ``model/``).
 Override any field with ``--config.a.b=value``. Re-running the same command in the same workdir resumes.
@@ -45,7 +45,8 @@ from experiments.techniques import TECHNIQUES
 from experiments.techniques import precision as precision_technique
 
 # Task -> its folder under ../shared/data.
-DATA_FOLDERS = {"sst2": "sst2", "mrpc": "mrpc", "rte": "rte", "wikiann": "wikiann_en", "wnut17": "wnut17"}
+DATA_FOLDERS = {"sst2": "sst2", "mrpc": "mrpc", "rte": "rte", "agnews": "agnews", "wikiann": "wikiann_en",
+                "wnut17": "wnut17"}
 TASKS = ("synthetic",) + tuple(DATA_FOLDERS)
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,6 +57,12 @@ def minilm_dir() -> str | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    return path if os.path.isdir(path) else None
+
+
+def default_data_root() -> str | None:
+    """``../shared/data`` beside the checkout when it exists (never needed by tests)."""
+    path = os.path.normpath(os.path.join(_REPO_ROOT, "..", "shared", "data"))
     return path if os.path.isdir(path) else None
 
 
@@ -190,6 +197,11 @@ def task_defaults(c: ml_collections.ConfigDict, task: str) -> None:
         c.eval_every_steps = 100
         c.checkpoint.every_steps = 100
         c.checkpoint.best_metric = "f1"
+    elif task == "agnews":  # news paragraphs: 128 sub-tokens hold all but a few; one epoch of the 9,001 rows
+        c.max_length = 128
+        c.num_epochs = 1.0
+        c.eval_every_steps = 100
+        c.checkpoint.every_steps = 100
     elif task == "rte":
         c.max_length = 128
         c.num_epochs = 10.0

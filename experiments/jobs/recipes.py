@@ -8,7 +8,7 @@ fills (``model_dir``, ``teacher_dir``, or export's lists) and which source famil
 is a stage kind with no change here.
 
 Each stage writes ``WORKDIR/<stage>/`` (its model directory where it makes one, ``results.json`` and, last,
-``stage.json`` with the stage's key). The key is a hash of the stage's config (the fields that change its result;
+``stage.json`` with the stage's key, the hardware it ran on and when it finished). The key is a hash of the stage's config (the fields that change its result;
 paths excluded), of the content of the files it reads from outside the workdir (data, a pretrained checkpoint) and
 of its sources' keys, so it changes when any of those or any earlier stage it depends on changes. A stage whose
 ``results.json`` parses, whose model exists and whose recorded key is the current one is skipped on a rerun; one
@@ -18,8 +18,9 @@ stage after it that depends on it; an interrupted stage resumes from its checkpo
 
 In a multi-host run every process runs the recipe: process 0 decides what is done and tells the others, writes
 the shared files (``recipe.json``, ``stage.json``, the report) and runs the single-process stages (prune,
-quantize, export) while the others wait; the processes meet at a barrier after each stage, before anyone reads
-what it wrote. ``WORKDIR/recipe.json``
+quantize, export) and the report while the others wait, polling its completion marker so that no barrier timeout
+limits how long it takes, and stopping with its error if it fails (:mod:`experiments.runtime.single_process`); the
+processes meet at a barrier after each stage, before anyone reads what it wrote. ``WORKDIR/recipe.json``
 records the recipe: running a different recipe in the same workdir is an error before any stage runs, as is a recipe
 whose stages do not fit together (a source that is not an earlier stage, a source family the stage's job does not
 accept, a stage config its job's schema rejects). At the end the report (:mod:`experiments.tools.report`) measures
@@ -40,10 +41,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from experiments.jobs import registry
-from experiments.runtime import config_validation, fingerprint, observe
+from experiments.runtime import config_validation, fingerprint, single_process, hardware, observe
 from models import storage
 
 STAGE_FILE = "stage.json"  # written into a stage's folder when it finishes: the key it ran with
+NOT_STAGES = ("recipe", "claims")  # jobs made of stages, not stages themselves
 
 
 class RecipeError(ValueError):
@@ -68,9 +70,9 @@ def check_recipe(config, workdir: str = "") -> list[str]:
             raise RecipeError(f"stage {name!r} has no config section config.{name}")
         stage = config[name]
         kind = stage.get("kind")
-        if kind not in registry.JOBS or kind == "recipe":
+        if kind not in registry.JOBS or kind in NOT_STAGES:
             raise RecipeError(f"stage {name!r}: kind {kind!r} is not one of "
-                              f"{sorted(k for k in registry.JOBS if k != 'recipe')}")
+                              f"{sorted(k for k in registry.JOBS if k not in NOT_STAGES)}")
         job = registry.JOBS[kind]
         sources = view.sources(name)
         if len(sources) > job.max_sources or (sources and not (job.source_fields or job.link)):
@@ -117,7 +119,8 @@ def read_results(stage_dir: str) -> dict | None:
 
 # Config fields a recipe fills with paths of earlier stages, or that name inputs by path: the key covers the
 # stages they come from instead (a copied workdir keeps its keys).
-PATH_FIELDS = ("data_dir", "model_dir", "teacher_dir", "transfer_file", "models", "quant_states")
+PATH_FIELDS = ("data_dir", "model_dir", "teacher_dir", "transfer_file", "models", "quant_states", "corpus",
+               "student.model_dir")
 
 
 def _external_inputs(stage_config, workdir: str) -> dict[str, str]:
@@ -175,9 +178,8 @@ def _set_aside(stage_dir: str) -> str:
 
 
 def _sync(name: str) -> None:
-    """A barrier of all processes of a multi-host run (nothing with one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+    """A barrier of all processes of a multi-host run (nothing with one process), with the run's barrier timeout."""
+    single_process.barrier(name)
 
 
 def _process0_says(value: bool) -> bool:
@@ -193,17 +195,21 @@ def run_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = storage.absolute(workdir)
     names = check_recipe(config, workdir)
     out = run_stages(config, workdir, names, record=_recipe_record(config, names))
-    writer = observe.is_writer()
-    if config.report.enabled and writer:
-        from experiments.tools import report
-        # this recipe's stages in order (not every folder: outputs set aside as *.stale-* are not in the report)
-        report.build_report([os.path.join(workdir, n) for n in names], workdir, reference=names[0],
-                            batch=config.report.batch,
-                            seq=config.report.seq, rounds=config.report.rounds,
-                            title=f"Compression report: {config.task}")
-        logging.info("report: %s (and report.html, plots)", os.path.join(workdir, "report.md"))
-    _sync("recipe_report_done")
+    if config.report.enabled:
+        single_process.run_on_process_0("recipe_report", lambda: _report(config, workdir, names), workdir)
+    else:
+        _sync("recipe_report_done")
     return out
+
+
+def _report(config, workdir: str, names: list[str]) -> None:
+    from experiments.tools import report
+    # this recipe's stages in order (not every folder: outputs set aside as *.stale-* are not in the report)
+    report.build_report([os.path.join(workdir, n) for n in names], workdir, reference=names[0],
+                        batch=config.report.batch,
+                        seq=config.report.seq, rounds=config.report.rounds,
+                        title=f"Compression report: {config.task}")
+    logging.info("report: %s (and report.html, plots)", os.path.join(workdir, "report.md"))
 
 
 def run_stages(config: ml_collections.ConfigDict, workdir: str, names: list[str], record: dict | None = None) -> dict:
@@ -242,7 +248,9 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str, names: list[str]
             start = time.time()
             job.run(stage.config, stage_dir)
             if writer:
-                observe.write_json(os.path.join(stage_dir, STAGE_FILE), {"key": keys[name], "kind": stage.kind})
+                observe.write_json(os.path.join(stage_dir, STAGE_FILE),
+                                   {"key": keys[name], "kind": stage.kind, "hardware": hardware.environment(),
+                                    "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
             logging.info("[%d/%d] %s finished in %.1f s", i + 1, len(names), name, time.time() - start)
         _sync(f"recipe_{name}_done")
         out[name] = read_results(stage_dir)

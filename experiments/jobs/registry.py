@@ -63,6 +63,21 @@ def _link_export(stage_config, sources: list[str], recipe: RecipeView) -> None:
         stage_config.quant_states = ",".join(f"{s}={p}" for s, p in quant.items())
 
 
+def _link_distill(stage_config, sources: list[str], recipe: RecipeView) -> None:
+    """Distillation: the teacher from its source stage; a general-distillation source is instead the pretrained
+    student the stage starts from (``student.model_dir``: TinyBERT's pipeline, general then task distillation)."""
+    general = [s for s in sources if recipe.config[s].kind == "general_distill"]
+    teachers = [s for s in sources if s not in general]
+    if len(general) > 1 or len(teachers) > 1:
+        raise config_validation.ConfigError(f"a distill stage takes one teacher stage and at most one general "
+                                            f"distillation stage as sources, got {sources}")
+    with stage_config.unlocked():
+        if teachers:
+            stage_config.teacher_dir = recipe.model_dir(teachers[0])
+        if general:
+            stage_config.student.model_dir = recipe.model_dir(general[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One job.
@@ -82,7 +97,9 @@ class Job:
       check: ``config -> None``, raising ConfigError: the job's own checks that need no work (paths exist,
         devices divide the batch), run with validation, before the workdir is created.
       single_process: a job without collectives (pruning, PTQ, export): in a multi-host run process 0 runs
-        it and writes its files while the others wait at a barrier, then read its ``results.json``.
+        it and writes its files while the others poll its completion marker, however long it takes
+        (:mod:`experiments.runtime.single_process`), then read its ``results.json``; if it fails there, every
+        process stops with its error.
     """
 
     name: str
@@ -131,16 +148,11 @@ class Job:
                     workdir_lock.remove_stale_temporaries(workdir)
                 if self.build is not None:
                     return runner.train_and_evaluate(self, config, workdir)
-                if not (self.single_process and not writer):
-                    results = self.run_fn(config, workdir)
-            if self.single_process and jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                from experiments.runtime import observe
-                multihost_utils.sync_global_devices(f"{self.name}_done")  # process 0 wrote its files
-                if not writer:
-                    results = observe.read_results(workdir)
-            return results
+                if not (self.single_process and jax.process_count() > 1):
+                    return self.run_fn(config, workdir)
+                from experiments.runtime import observe, single_process
+                results = single_process.run_on_process_0(self.name, lambda: self.run_fn(config, workdir), workdir)
+                return results if writer else observe.read_results(workdir)  # process 0 wrote its files
         except Exception:
             # A run that failed before writing anything (e.g. a check that needs the data) leaves no workdir.
             if (writer and created and not storage.is_remote(workdir) and os.path.isdir(workdir)
@@ -174,7 +186,10 @@ JOBS: dict[str, Job] = {job.name: job for job in (
     Job("theseus", "experiments.configs.theseus", build=_TRAIN),
     Job("l0", "experiments.configs.l0", build=_TRAIN),
     Job("distill", "experiments.configs.distill", build=_lazy("experiments.jobs.distill", "build"),
-        family=lambda c: c.student.family, source_fields=("teacher_dir",)),
+        family=lambda c: c.student.family, source_fields=("teacher_dir",), link=_link_distill, max_sources=2),
+    Job("general_distill", "experiments.configs.general_distill", build=_lazy("experiments.jobs.general_distill",
+                                                                             "build"),
+        check=_lazy("experiments.jobs.general_distill", "check_config"), accepts=(), source_fields=(), max_sources=0),
     Job("multitask", "experiments.configs.multitask", run_fn=_lazy("experiments.jobs.multitask",
                                                                    "multitask_and_evaluate"),
         reference=_multitask_reference, check=_lazy("experiments.jobs.multitask", "_check_config"),
@@ -185,6 +200,9 @@ JOBS: dict[str, Job] = {job.name: job for job in (
     Job("export", "experiments.configs.export", run_fn=_lazy("experiments.jobs.stages", "export"), single_process=True,
         family=lambda c: None, accepts=("transformer", "bilstm", "cnn_lstm"), source_fields=(), link=_link_export,
         max_sources=64),
+    # The claims study's runs are recipe stages, validated against their own jobs' schemas.
+    Job("claims", "experiments.configs.claims", run_fn=_lazy("experiments.jobs.claims", "run_claims"),
+        family=lambda c: None, accepts=(), source_fields=(), max_sources=0, reference=lambda config: config),
     # A recipe's stages are validated against their own jobs' schemas (experiments.jobs.recipes).
     Job("recipe", "experiments.configs.recipe", run_fn=_lazy("experiments.jobs.recipes", "run_recipe"),
         family=lambda c: None, accepts=(), source_fields=(), max_sources=0, reference=lambda config: config),

@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from experiments.configs import distill, finetune, prune, quantize, theseus
+from experiments.configs import distill, finetune, l0, prune, quantize, theseus
 
 BUDGETS = ("smoke", "cpu", "paper")
 VERDICT_RULES = ("better", "retain")
@@ -135,11 +135,13 @@ CLAIMS = (
     Claim("l0_ffn", "McCarley et al. 2019",
           "L0 gates remove about half of the FFN units with negligible loss, and KD recovers what pruning lost",
           "SQuAD: half of FFN activations removed, distillation recovers 1.5-2 F1",
-          SST2, treatment="l0_ffn_kd", baseline="teacher", rule="retain", tolerance=1.0, budgets=("paper",)),
+          SST2, treatment="l0_ffn_kd", baseline="teacher", rule="retain", tolerance=1.0, budgets=("paper",),
+          context=("l0_ffn_gold",)),
     Claim("multitask_teacher", "Liu et al. 2019 (MT-DNN distillation)",
           "a multi-task teacher helps an attentive student more than a single-task one",
           "MT-DNN ensemble distilled: GLUE +1 over single-task training",
-          MRPC, treatment="student_of_multitask", baseline="student_of_single_task", budgets=("paper",)),
+          MRPC, treatment="student_of_multitask", baseline="student_of_single_task", budgets=("paper",),
+          missing="a multi-task teacher as a claim's source stage (the arms share one single-task teacher today)"),
 )
 CLAIM_NAMES = tuple(c.name for c in CLAIMS)
 
@@ -243,6 +245,8 @@ ARMS: dict[str, Callable] = {
     "bilstm_gold": lambda task, seed, b: ("distill", _student(task, "bilstm_nokd", b, seed)),
     "theseus_linear": lambda task, seed, b: ("theseus", _theseus(task, "linear", b, seed)),
     "theseus_constant": lambda task, seed, b: ("theseus", _theseus(task, "constant", b, seed)),
+    "l0_ffn_kd": lambda task, seed, b: ("l0", _set(l0.get_config(task), seed=seed, progress_bar="off")),
+    "l0_ffn_gold": lambda task, seed, b: ("l0", _set(l0.get_config(f"{task},nokd"), seed=seed, progress_bar="off")),
     "tagger_kd": lambda task, seed, b: ("distill", _student(task, "cnn_lstm", b, seed)),
     "tagger_gold": lambda task, seed, b: ("distill", _student(task, "cnn_lstm_nokd", b, seed)),
 }

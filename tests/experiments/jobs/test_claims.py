@@ -89,3 +89,22 @@ def test_a_rerun_skips_finished_runs_and_a_changed_arm_reruns_alone(study):
     assert [n for n in runs if after[n] != before[n]] == ["synthetic_int8_s1"]
     assert any(p.name.startswith("synthetic_int8_s1.stale-") for p in workdir.iterdir())  # set aside, not lost
     assert {r["claim"]: r for r in table["rows"]}["int8_ptq"]["complete"]
+
+
+@pytest.mark.parametrize("budget", claims_config.BUDGETS)
+def test_every_budget_builds_runs_that_fit_their_jobs(budget, tmp_path):
+    """Every run of every claim at every budget is a valid stage of its job (the cpu and paper studies are
+    checked here before anyone spends hours on them); claims that are not built are refused by name."""
+    from experiments.jobs import recipes
+    config = claims_config.get_config(budget)
+    names = claims_config.add_runs(config)
+    config.stages = ",".join(names)
+    recipes.check_recipe(config, str(tmp_path))
+    view = registry.RecipeView(config, str(tmp_path), tuple(names))
+    for name in names:
+        job = registry.JOBS[config[name].kind]
+        if view.sources(name):
+            job.link_sources(config[name].config, view.sources(name), view)
+        job.validate(config[name].config)
+    with pytest.raises(ValueError, match="tinybert.*not built"):
+        claims_config.get_config(f"{budget},tinybert")

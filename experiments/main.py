@@ -7,6 +7,12 @@ unknown field is named with the closest known one before anything runs. Multi-ho
 first: on TPU VMs and pod slices pass ``--distributed`` (JAX finds the coordinator); on one machine
 ``launch/local_multiprocess.py`` passes ``--coordinator_address``, ``--num_processes``, ``--process_id`` and
 ``--cpu_collectives=gloo``.
+
+Four flags set how a run shares its workdir and lives with a flaky store and long single-process stages (they
+change no result, so they are flags, not config fields): ``--lease_timeout_s`` (a bucket workdir's lease not
+renewed for that long is taken over), ``--store_retry_budget_s`` (how long a failing object-store request is
+retried before the run stops), ``--stage_wait_limit_s`` (how long the other processes of a multi-host run wait
+for process 0's single-process stage) and ``--barrier_timeout_s`` (how long a barrier waits for every process).
 """
 
 from __future__ import annotations
@@ -27,6 +33,18 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator_address).")
 _CPU_COLLECTIVES = flags.DEFINE_enum("cpu_collectives", None, ["gloo", "mpi"],
                                      "Cross-process collectives for CPU devices (local multi-process runs).")
+_LEASE_TIMEOUT = flags.DEFINE_float(
+    "lease_timeout_s", 300.0, "A gs:// workdir's lease not renewed for this long (its run was killed) is taken over "
+    "by the next run; the holder renews it every fifth of it.", lower_bound=1.0)
+_STORE_RETRY_BUDGET = flags.DEFINE_float(
+    "store_retry_budget_s", 300.0, "Seconds an object-store request failing with a transient error (429, 5xx, "
+    "dropped connection, timeout) is retried before the run stops naming the object.", lower_bound=0.1)
+_STAGE_WAIT_LIMIT = flags.DEFINE_float(
+    "stage_wait_limit_s", 24 * 3600.0, "Multi-host runs: seconds the other processes wait for a single-process "
+    "stage (prune, quantize, export, the report) on process 0.", lower_bound=1.0)
+_BARRIER_TIMEOUT = flags.DEFINE_float(
+    "barrier_timeout_s", 600.0, "Multi-host runs: seconds a barrier waits for every process to arrive.",
+    lower_bound=1.0)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -80,7 +98,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # Imported here so that --help is fast and jax.distributed.initialize() precedes any JAX call.
-    from experiments.runtime import parallel
+    from experiments.runtime import lease, parallel, single_process
+    from models import retries
+    retries.configure(_STORE_RETRY_BUDGET.value)
+    lease.configure(_LEASE_TIMEOUT.value)
+    single_process.configure(_STAGE_WAIT_LIMIT.value, _BARRIER_TIMEOUT.value)
     if _DISTRIBUTED.value or _COORDINATOR.value:
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                         _CPU_COLLECTIVES.value)
@@ -93,7 +115,10 @@ def main(argv):
     job = registry.get(config.get("job", "<none>"))
     logging.info("process %d of %d, %d local / %d global devices (%s); job %s", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend(), job.name)
-    job.run(config, _WORKDIR.value)
+    try:
+        job.run(config, _WORKDIR.value)
+    finally:
+        logging.info("%s", retries.summary())  # every retried object-store request of this process
 
 
 if __name__ == "__main__":

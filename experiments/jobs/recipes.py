@@ -41,7 +41,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from experiments.jobs import registry
-from experiments.runtime import config_validation, fingerprint, single_process, hardware, observe
+from experiments.runtime import config_validation, fingerprint, hardware, observe, single_process
 from models import storage
 
 STAGE_FILE = "stage.json"  # written into a stage's folder when it finishes: the key it ran with

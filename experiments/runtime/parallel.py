@@ -79,6 +79,37 @@ def check_same_versions() -> None:
         raise RuntimeError(problem)
 
 
+_barriers = 0  # barriers met so far: every process meets them in the same order, so their keys agree
+
+
+def barrier(name: str, timeout_s: float) -> None:
+    """All processes of a multi-host run meet here (nothing with one process); raises RuntimeError naming the
+    barrier when not every process arrives within ``timeout_s`` seconds.
+
+    A barrier of the distributed runtime's coordination service (``wait_at_barrier``, what Orbax's and JAX's
+    serialization barriers use), which has an explicit timeout, unlike a device collective. Meant for meetings
+    that every process reaches at about the same time; a wait for work of unknown length on one process is
+    :func:`experiments.runtime.single_process.run_on_process_0`."""
+    global _barriers
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client is not exposed publicly; jax's own serialization reads it so
+
+    key = f"nlpress/{name}/{_barriers}"
+    _barriers += 1
+    client = distributed.global_state.client
+    if client is None:  # pragma: no cover - several processes without jax.distributed (none known)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(key)
+        return
+    try:
+        client.wait_at_barrier(key, int(timeout_s * 1000))
+    except Exception as e:  # noqa: BLE001 - jaxlib's error type is not public
+        raise RuntimeError(f"barrier {name!r}: not every process arrived within {timeout_s:g} s "
+                           f"(--barrier_timeout_s): {e}") from e
+
+
 def is_key(x) -> bool:
     """True for a typed PRNG key array (``jax.random.key``)."""
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)

@@ -3,6 +3,10 @@
 #   make demo      run the main job on the embedded default (offline)
 #   make test      run the test suite (CPU, offline, < 15 minutes on 2 cores)
 #   make bench     run the benchmarks; tables on stdout, JSON under bench_results/
+#   make bench-gpu the GPU check (BERT-base training/inference speed, MFU, verdicts): a GPU; on a CPU it refuses
+#                  the full shapes, so there run `make bench-gpu GPU_CHECK_ARGS=--shapes=tiny` (under a minute)
+#   make test-gpu  the test suite on whatever JAX $(PYTHON) has (a GPU image): nothing installed, the checkout on
+#                  PYTHONPATH, plain pytest; tests needing a package that is not there skip, naming it
 # EXTRAS: test (pytest, a local Cloud Storage server), torch (CPU PyTorch: the parity oracle in tests and the peer in
 # benchmarks), gcs (gs:// paths: gcsfs, google-cloud-storage; the pod rehearsal test needs it).
 
@@ -13,8 +17,10 @@ EXTRAS ?= test,torch,gcs
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 BENCH_OUT ?= bench_results
+GPU_CHECK_ARGS ?=
+TESTS ?= tests
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-gpu test-gpu clean
 
 install: $(STAMP)
 
@@ -35,6 +41,14 @@ test: install
 bench: install
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m experiments.benchmarks.run_all --out_dir=$(BENCH_OUT)
+
+bench-gpu: install
+	$(PY) -m experiments.benchmarks.gpu_check --out=$(BENCH_OUT)/gpu_check.json $(GPU_CHECK_ARGS)
+
+# No install and no xdist: this is how a machine's own JAX (e.g. 0.11 with CUDA on a GPU image) is checked.
+test-gpu:
+	XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} \
+		$(PYTHON) -m pytest -q -rs -p tests.skip_missing_modules $(TESTS)
 
 clean:
 	rm -rf $(VENV) runs $(BENCH_OUT)

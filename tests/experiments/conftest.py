@@ -1,22 +1,21 @@
-"""Shared fixtures: tiny synthetic teachers (sentiment, NER) built once per test process, reused by the stage tests."""
+"""Shared fixtures: tiny synthetic teachers (sentiment, NER) built once per test process, reused by the stage tests.
+
+The fixtures import the job machinery when they run, not when this file loads: on an environment without some
+of its dependencies (a GPU image without ml_collections, ``make test-gpu``) only the tests that use them fail to
+set up (and tests/skip_missing_modules.py reports those as skipped), not every test under tests/experiments.
+"""
 
 import jax
 import jax.numpy as jnp
 import pytest
-import tokenizers
-from tokenizers import models as tok_models
-from tokenizers import pre_tokenizers
-
-import models
-from experiments.data import load_task
-from experiments.jobs import registry
-from models.transformer import Transformer, TransformerConfig
-from tests.experiments.tiny import tiny_config
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
     """``DIR/model`` of a 2-layer, 2-head, hidden-32 Transformer fine-tuned 48 steps on the synthetic task."""
+    from experiments.jobs import registry
+    from tests.experiments.tiny import tiny_config
+
     workdir = tmp_path_factory.mktemp("tiny_teacher")
     registry.run(tiny_config(num_train_steps=48), str(workdir))
     return str(workdir / "model")
@@ -30,6 +29,14 @@ def tiny_ner_teacher_dir(tmp_path_factory):
     Randomly initialised, not trained: the distillation tests need a token teacher, not a good one, and
     fine-tuning one would add about 20 s of compilation to the suite.
     """
+    import tokenizers
+    from tokenizers import models as tok_models
+    from tokenizers import pre_tokenizers
+
+    import models
+    from experiments.data import load_task
+    from models.transformer import Transformer, TransformerConfig
+
     out = tmp_path_factory.mktemp("tiny_ner_teacher")
     task = load_task("synthetic_ner", word_vocab="build", synthetic_size=256)
     words = ("[PAD]", "[UNK]", "[CLS]", "[SEP]") + task.word_vocab.units[2:]

@@ -33,23 +33,23 @@ def _skip(report, path, module: str) -> None:
     report.longrepr = (str(path), None, f"Skipped: needs {module}, which is not installed here")
 
 
-@pytest.hookimpl(wrapper=True)
+# Old-style hook wrappers (the report is changed in place): new-style ``wrapper=True`` needs pytest 8, and a GPU
+# image may have an older one.
+@pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
     """Collection (test modules and the conftests of a directory) failing on a missing third-party module."""
-    report = yield
+    report = (yield).get_result()
     if report.failed:
         module = foreign_missing_module(str(report.longrepr))
         if module:
             _skip(report, collector.path, module)
-    return report
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Fixture setup or a test body raising ModuleNotFoundError for a third-party module."""
-    report = yield
+    report = (yield).get_result()
     if report.failed and call.excinfo is not None and call.excinfo.errisinstance(ModuleNotFoundError):
         module = foreign_missing_module(str(call.excinfo.value))
         if module:
             _skip(report, item.path, module)
-    return report

@@ -279,3 +279,18 @@ def test_imports_only_what_a_bare_gpu_image_has():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("argv, match", [(["--shapes=huge"], "flag --shapes=huge"),
+                                         (["--budget_s=-1"], "flag --budget_s=-1"),
+                                         (["--rounds=0"], "flag --rounds=0")])
+def test_bad_flags_are_refused_when_parsed(argv, match):
+    from absl import flags
+
+    fv = flags.FlagValues()
+    gpu_check.define_flags(fv)
+    with pytest.raises(flags.Error, match=match):
+        fv(["prog", *argv])
+    fv.unparse_flags()
+    fv(["prog"])
+    assert (fv.shapes, fv.budget_s, fv.allow_cpu, fv.out) == ("full", 420.0, False, "bench_results/gpu_check.json")

@@ -1,4 +1,4 @@
-"""Export to ONNX with verified parity: our own jaxpr -> ONNX converter, float16 and int8 Q/DQ variants,
+"""Export to ONNX with verified parity: our own jaxpr -> ONNX converter, float16, int8 and FP8 Q/DQ variants,
 and the gates every export runs (structure, TensorRT op allow-list, onnxruntime vs JAX at two sizes and
 two optimisation levels).
 
@@ -8,19 +8,21 @@ two optimisation levels).
 
 Modules: ``program`` (tracing, inlining), ``graph`` (ONNX builder), ``converter`` (the jaxpr walk),
 ``lower_*`` (rules per primitive family), ``patterns`` (whole ops: LayerNormalization, Softmax, GELU,
-BERT attention), ``precision`` (float16 variant), ``qdq`` (int8 Q/DQ), ``parity`` (gates), ``api``,
+BERT attention), ``precision`` (float16 variant), ``qdq`` (int8/FP8 Q/DQ), ``parity`` (gates), ``api``,
 ``tensorrt`` (engines from the exported files; needs an NVIDIA GPU).
 """
 
 from compression.export.api import PRECISIONS, ExportReport, export
 from compression.export.converter import convert, register
-from compression.export.parity import (INT8_VS_FAKE_QUANT, TENSORRT_OPS, TOLERANCES, ParityError, Tolerance,
-                                       onnxruntime_bert_fusion)
+from compression.export.parity import (FP8_VS_FAKE_QUANT, INT8_VS_FAKE_QUANT, TENSORRT_OPS, TOLERANCES, ParityError,
+                                       Tolerance, onnxruntime_bert_fusion)
 from compression.export.precision import to_float16
 from compression.export.program import ExportError, trace
-from compression.export.qdq import MatMulQuant
+from compression.export.qdq import FP8_OPSET, MatMulQuant
 
 __all__ = [
+    "FP8_OPSET",
+    "FP8_VS_FAKE_QUANT",
     "INT8_VS_FAKE_QUANT",
     "PRECISIONS",
     "TENSORRT_OPS",

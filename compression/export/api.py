@@ -23,9 +23,10 @@ import onnx
 from compression.export import converter, parity, patterns, program
 from compression.export import precision as precision_mod
 from compression.export.program import ExportError
-from compression.export.qdq import MatMulQuant
+from compression.export.qdq import FP8_OPSET, MatMulQuant
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8", "mixed")
+QDQ_PRECISIONS = {"int8": ("int8",), "fp8": ("fp8",), "mixed": ("int8", "fp8")}  # -> the formats they allow
 
 
 @dataclasses.dataclass
@@ -34,7 +35,7 @@ class ExportReport:
 
     Attributes:
       path: the written ONNX file.
-      precision: ``fp32``, ``fp16`` or ``int8``.
+      precision: ``fp32``, ``fp16``, ``int8``, ``fp8`` or ``mixed``.
       opset: default-domain opset.
       inputs: name -> (dtype name, dims with ``batch``/``sequence`` names).
       outputs: output names (paths in the function's output pytree, e.g. ``logits``).
@@ -125,7 +126,7 @@ def export(
     path: str,
     *,
     precision: str = "fp32",
-    opset: int = converter.DEFAULT_OPSET,
+    opset: int | None = None,
     dynamic_axes: Mapping[str, tuple] | None = None,
     dim_constraints: Sequence[str] = (),
     quant: Mapping | None = None,
@@ -144,40 +145,53 @@ def export(
         (positional, named ``input_0``...). Used for tracing and as the first parity input set.
       path: destination ``.onnx`` file.
       precision: ``fp32``; ``fp16`` (float16 weights/activations, float32 LayerNorm/softmax/reductions,
-        float32 outputs); ``int8`` (explicit Q/DQ from ``quant``).
-      opset: default-domain opset, 17 to 20.
+        float32 outputs); ``int8`` or ``fp8`` (explicit int8 or float8e4m3fn Q/DQ from ``quant``, every module in
+        that format); ``mixed`` (each module's Q/DQ in its own format: a precision plan).
+      opset: default-domain opset, 17 to 20; default 17, or 19 (:data:`~compression.export.qdq.FP8_OPSET`) when
+        a module is quantized to FP8 (float8 Q/DQ needs 19). The int8 files stay at 17, where their parity was
+        established; 17-20 is the window onnxruntime's Q/DQ handling and TensorRT share.
       dynamic_axes: input name -> one name (``"batch"``, ``"sequence"``, ...) or None per axis. Default:
         axis 0 ``batch``; axis 1 ``sequence`` for integer/bool inputs (ids, masks); other axes static.
       dim_constraints: JAX symbolic-shape constraints, e.g. ``("sequence <= 512",)`` when the model checks
         the sequence length against its position table.
-      quant: for ``int8``: module path -> :class:`~compression.export.qdq.MatMulQuant` or a
-        ``(weight_scale, activation_scale)`` pair, as ``compression.quantization.dense_quant_scales`` returns.
-        ``variables`` must then hold the float weights (not int8-converted kernels).
+      quant: for ``int8``/``fp8``/``mixed``: module path -> :class:`~compression.export.qdq.MatMulQuant` or a
+        ``(weight_scale, activation_scale[, format])`` tuple, as ``compression.quantization.dense_quant_scales``
+        or ``qdq_scales`` return. ``variables`` must then hold the float weights (not int8-converted kernels).
       check_inputs: extra parity input sets (same structure as ``example_inputs``). By default one set at
         another batch and sequence size is derived from the example (see :func:`second_sizes`).
       tolerance: overrides ``parity.TOLERANCES[precision]``; a ``Tolerance`` or ``{level: Tolerance}`` for
         the onnxruntime levels of ``parity.LEVELS``.
       reference_fn: what onnxruntime is compared with (same signature as ``apply_fn``); defaults to
-        ``apply_fn``. For int8, pass the fake-quantized model to compare like with like (and
-        ``tolerance=parity.INT8_VS_FAKE_QUANT``).
+        ``apply_fn``. For Q/DQ files, pass the fake-quantized model to compare like with like (and
+        ``tolerance=parity.INT8_VS_FAKE_QUANT`` or ``parity.FP8_VS_FAKE_QUANT``).
 
     Returns:
       An :class:`ExportReport`. Raises :class:`ExportError` / :class:`~compression.export.parity.ParityError`.
     """
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if not parity.OPSET_WINDOW[0] <= opset <= parity.OPSET_WINDOW[1]:
-        raise ExportError(f"opset {opset} outside {parity.OPSET_WINDOW[0]}-{parity.OPSET_WINDOW[1]} "
-                          "(LayerNormalization needs 17; TensorRT supports up to 20)")
     path = os.fspath(path)
     if not path.endswith(".onnx"):
         raise ExportError(f"path must end with .onnx, got {path!r}")
-    if precision == "int8" and not quant:
-        raise ExportError("precision='int8' needs quant={module path: MatMulQuant} from calibration or QAT state")
-    if precision != "int8" and quant:
-        raise ExportError(f"quant scales given for precision={precision!r}; use precision='int8'")
-    if quant:  # (weight_scale, activation_scale) pairs, e.g. compression.quantization.dense_quant_scales()
+    if precision in QDQ_PRECISIONS and not quant:
+        raise ExportError(f"precision={precision!r} needs quant={{module path: MatMulQuant}} from calibration or QAT "
+                          "state")
+    if precision not in QDQ_PRECISIONS and quant:
+        raise ExportError(f"quant scales given for precision={precision!r}; use precision='int8' (or 'fp8', 'mixed')")
+    if quant:  # (weight_scale, activation_scale[, format]), e.g. compression.quantization.dense_quant_scales()
         quant = {path: q if isinstance(q, MatMulQuant) else MatMulQuant(*q) for path, q in quant.items()}
+        wrong = sorted(p for p, q in quant.items() if q.format not in QDQ_PRECISIONS[precision])
+        if wrong:
+            raise ExportError(f"precision={precision!r} allows {' and '.join(QDQ_PRECISIONS[precision])} Q/DQ; "
+                              f"modules {wrong[:3]} are {quant[wrong[0]].format} (use precision='mixed')")
+    fp8 = any(q.format == "fp8" for q in (quant or {}).values())
+    if opset is None:
+        opset = FP8_OPSET if fp8 else converter.DEFAULT_OPSET
+    if not parity.OPSET_WINDOW[0] <= opset <= parity.OPSET_WINDOW[1]:
+        raise ExportError(f"opset {opset} outside {parity.OPSET_WINDOW[0]}-{parity.OPSET_WINDOW[1]} "
+                          "(LayerNormalization needs 17; TensorRT supports up to 20)")
+    if fp8 and opset < FP8_OPSET:
+        raise ExportError(f"FP8 Q/DQ (float8e4m3fn) needs opset {FP8_OPSET} or later, got opset {opset}")
     inputs, keyword = _named_inputs(example_inputs)
     names = list(inputs)
     axes = {n: program.default_axes(inputs[n].shape, inputs[n].dtype) for n in names}
@@ -198,7 +212,7 @@ def export(
     ref_fn = ref if keyword else (lambda v, **kw: ref(v, *[kw[n] for n in names]))
     tags = patterns.ModuleTags()
     prog = program.trace(fn, variables, inputs, axes, dim_constraints, context=tags.context)
-    model = converter.convert(prog, opset=opset, quant=quant if precision == "int8" else None, tags=tags)
+    model = converter.convert(prog, opset=opset, quant=quant if precision in QDQ_PRECISIONS else None, tags=tags)
     if precision == "fp16":
         model = precision_mod.to_float16(model)
 

@@ -73,8 +73,11 @@ TOLERANCES = {
     "fp32": Tolerance(atol=1e-4),
     "fp16": Tolerance(atol=1e-2, rtol=1e-2),
     "int8": Tolerance(relative_rms=0.3),
+    "fp8": Tolerance(relative_rms=0.3),
+    "mixed": Tolerance(relative_rms=0.3),
 }
 INT8_VS_FAKE_QUANT = Tolerance(relative_rms=0.15)
+FP8_VS_FAKE_QUANT = Tolerance(relative_rms=0.15)
 
 
 class ParityError(ExportError):

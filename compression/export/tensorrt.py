@@ -1,10 +1,11 @@
 """TensorRT engines from the exported ONNX files, and their comparison with onnxruntime.
 
-Precision is declared in the graph (float16 tensors, explicit int8 Q/DQ), so engines are built as
+Precision is declared in the graph (float16 tensors, explicit int8 or FP8 Q/DQ), so engines are built as
 *strongly typed* networks: TensorRT 10 takes the graph's types as they are, and TensorRT 11 removed the
 FP16/INT8 builder flags altogether. Only on TensorRT 8.x (no strong typing) are the flags set from the
-file's precision. Dynamic axes (``batch``, ``sequence``) get one optimisation profile of
-(min, opt, max) sizes.
+file's precision; FP8 files (float8e4m3fn Q/DQ, opset 19) need TensorRT 10 or later and a GPU of compute
+capability 8.9 or more (Ada, Hopper: :data:`REQUIREMENTS`). Dynamic axes (``batch``, ``sequence``) get one
+optimisation profile of (min, opt, max) sizes.
 
 Everything here needs an NVIDIA GPU and the ``tensorrt`` package (running an engine also needs a CUDA
 build of PyTorch for device buffers); :func:`unavailable` says why it cannot run, and
@@ -28,6 +29,14 @@ from compression.export.program import ExportError
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max) shapes
+# What an engine of each precision needs (file precision as :func:`precision_of` reads it).
+REQUIREMENTS = {
+    "fp32": "TensorRT >= 10 (8.6 without --stronglyTyped)",
+    "fp16": "TensorRT >= 10 (8.6 without --stronglyTyped)",
+    "int8": "TensorRT >= 10 (8.6 without --stronglyTyped)",
+    "fp8": "TensorRT >= 10 and compute capability >= 8.9 (Ada, Hopper and later)",
+    "mixed": "TensorRT >= 10 and, for its FP8 layers, compute capability >= 8.9 (Ada, Hopper and later)",
+}
 
 
 def shape_profile(inputs: Mapping[str, tuple], ranges: Mapping[str, tuple[int, int, int]]) -> Profile:
@@ -95,13 +104,20 @@ def _trt():
     return trt
 
 
-def _precision_of(onnx_path: str) -> str:
+def precision_of(onnx_path: str) -> str:
+    """``fp32``, ``fp16``, ``int8``, ``fp8`` or ``mixed`` (int8 and FP8 Q/DQ) as the file declares it: the types of
+    its DequantizeLinear zero points (or quantized initializers), else float16 initializers."""
     import onnx
     model = onnx.load(onnx_path, load_external_data=False)
-    ops = {n.op_type for n in model.graph.node}
-    if "QuantizeLinear" in ops or "DequantizeLinear" in ops:
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    formats = set()
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear":
+            t = types.get(n.input[2] if len(n.input) > 2 and n.input[2] else n.input[0])
+            formats.add("fp8" if t == onnx.TensorProto.FLOAT8E4M3FN else "int8")
+    if formats:
+        return formats.pop() if len(formats) == 1 else "mixed"
+    if any(t == onnx.TensorProto.FLOAT16 for t in types.values()):
         return "fp16"
     return "fp32"
 
@@ -126,7 +142,9 @@ def build_engine(onnx_path: str, engine_path: str, profile: Profile, workspace_g
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if not strongly_typed:  # TensorRT 8.x: precision from builder flags
-        precision = _precision_of(onnx_path)
+        precision = precision_of(onnx_path)
+        if precision in ("fp8", "mixed"):
+            raise ExportError(f"{onnx_path} holds FP8 Q/DQ: {REQUIREMENTS[precision]}")
         if precision in ("fp16", "int8"):
             config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":

@@ -12,6 +12,8 @@ Modules:
 * :mod:`.calibration`: :func:`calibrate`, :func:`collect_statistics` (activation statistics via interception);
 * :mod:`.qat`: :func:`fake_quant`, the transform for PTQ evaluation and QAT (fixed / EMA / learned scales);
 * :mod:`.int8`: :func:`convert_to_int8` and :func:`int8`, int8 x int8 -> int32 Dense execution;
+* :mod:`.plans`: :class:`~.plans.PrecisionPlan` (per-site int8 / FP8 / float), :func:`~.plans.find_sites`,
+  :func:`~.plans.choose_plan` and :func:`~.plans.switched_fake_quant` (sensitivity without recompiling);
 * :mod:`.ptq`: :func:`post_training_quantize` / :func:`post_training_variants` (PTQ variables of a trained model
   from calibration batches and a calibrator name) and :func:`int8_variables`, for accuracy scripts;
   :func:`qat_loss` (in :mod:`.qat`) is the quantization-aware loss for ``experiments/runtime/trainer.py``.
@@ -63,6 +65,7 @@ from compression.quantization.int8 import (
     dense_quant_scales,
     int8,
     int8_weights,
+    qdq_scales,
 )
 from compression.quantization.ptq import (
     PTQ_CALIBRATORS,
@@ -89,12 +92,14 @@ from compression.quantization.rules import (
 )
 
 __all__ = [
-    "CALIBRATORS", "DEFAULT_RULES", "FORMATS", "FP8_MAX", "FP8_RULES", "MIN_SCALE", "MODULE_TYPES", "PTQ_CALIBRATORS", "QUANT", "SCALE_MODES",
+    "CALIBRATORS", "DEFAULT_RULES", "FORMATS", "FP8_MAX", "FP8_RULES", "MIN_SCALE", "MODULE_TYPES", "PTQ_CALIBRATORS",
+    "QUANT", "SCALE_MODES",
     "ActivationStatistics",
     "Calibrator", "Call", "EntropyCalibrator", "MSECalibrator", "MaxCalibrator", "PercentileCalibrator", "QArray",
     "QuantRule", "QuantizationWarning", "Statistics", "calibrate", "check_scales", "collect_statistics",
     "compute_scales", "convert_to_int8", "dense_quant_scales", "entropy_threshold", "fake_quant", "fake_quantize",
     "find_input_qparams", "get_calibrator", "int8", "int8_variables", "int8_weights", "mse_threshold",
     "percentile_threshold", "post_training_quantize", "post_training_variants", "project_scales", "qat_loss",
+    "qdq_scales",
     "qrange", "with_format",
 ]

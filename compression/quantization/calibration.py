@@ -267,10 +267,11 @@ class Statistics:
         raise KeyError(f"no statistics for module {name!r}; modules: "
                        f"{sorted(m for e in self.entries.values() for m in e.modules)}")
 
-    def scales(self, method: str | Calibrator | None = None) -> dict:
+    def scales(self, method: str | Calibrator | None = None, format: str | None = None) -> dict:
         """The ``"quant"`` collection: each activation's scale (and zero point) under its rule's calibrator,
-        or under ``method`` for every symmetric activation when given."""
-        return compute_scales(self, method)
+        or under ``method`` for every symmetric activation when given; in ``format`` (``"int"``, ``"fp8"``) for
+        every symmetric activation when given, else in its rule's."""
+        return compute_scales(self, method, format)
 
 
 def _batches_list(batches) -> list:
@@ -393,12 +394,16 @@ def _histogram_pass(runner: _Runner, variables, calls, targets, wanted: dict) ->
 # Scales
 
 
-def compute_scales(stats: Statistics, method: str | Calibrator | None = None) -> dict:
-    """The ``"quant"`` collection from :class:`Statistics` (see :meth:`Statistics.scales`)."""
+def compute_scales(stats: Statistics, method: str | Calibrator | None = None, format: str | None = None) -> dict:
+    """The ``"quant"`` collection from :class:`Statistics` (see :meth:`Statistics.scales`): one collection of
+    statistics gives the scales of every calibrator and of both formats (int8 ``amax / 127``, FP8 ``amax / 448``
+    for ``max``)."""
     override = None if method is None else get_calibrator(method)
     flat: dict[tuple[str, ...], jax.Array] = {}
     for (owner, scale_name), e in stats.entries.items():
         rule = e.rule
+        if format is not None and rule.symmetric and format != rule.format:
+            rule = dataclasses.replace(rule, format=format, calibrator="max")  # e.rule's calibrator is checked below
         names = ", ".join(e.modules)
         if not rule.symmetric:
             if override is not None and override.needs_histogram:
@@ -411,7 +416,7 @@ def compute_scales(stats: Statistics, method: str | Calibrator | None = None) ->
             flat[owner + (scale_name,)] = jnp.asarray(scale, jnp.float32)
             flat[owner + (scale_name.replace("scale", "zero_point"),)] = jnp.asarray(zero_point, jnp.float32)
             continue
-        calibrator = override or rule.get_calibrator()
+        calibrator = override or e.rule.get_calibrator()
         if rule.format not in calibrator.formats:
             raise ValueError(f"calibrator {calibrator.name!r} cannot calibrate the {rule.format} activation of "
                              f"{names} (it calibrates {', '.join(calibrator.formats)})")

@@ -23,7 +23,8 @@ kernels and run fake-quantized.
 
 :func:`int8_weights` reads the converted kernels back as :class:`~compression.quantization.qarray.QArray`
 (what the export path emits as int8 initializers); :func:`dense_quant_scales` gives the export path the
-weight and activation scales of every int8 Dense, from float or converted variables.
+weight and activation scales of every int8 Dense, from float or converted variables, and :func:`qdq_scales` those
+of every quantized Dense and Conv in its format (int8 or FP8).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from compression.quantization.qarray import (
     reduce_amax,
     symmetric_scale,
 )
-from compression.quantization.qat import fake_quant_call, integer_dense
+from compression.quantization.qat import fake_quant_call, integer_dense, weight_scale
 from compression.quantization.rules import (
     DEFAULT_RULES,
     QUANT,
@@ -133,6 +134,42 @@ def dense_quant_scales(apply_fn: Callable, variables: Mapping, *args, rules: Seq
             w_scale = symmetric_scale(reduce_amax(kernel.astype(jnp.float32), axes), t.rule.bits)
         a_scale, _ = find_input_qparams(variables[QUANT], t.path)
         out[t.name] = (np.asarray(w_scale, np.float32), float(a_scale))
+    return out
+
+
+def qdq_scales(apply_fn: Callable, variables: Mapping, *args, rules: Sequence[QuantRule] = DEFAULT_RULES,
+               **kwargs) -> dict[str, tuple[np.ndarray, float, str]]:
+    """Q/DQ export scales of every Dense and Conv whose weight and symmetric input are quantized, in each one's
+    format: ``{module path: (weight_scale [N] or [], activation_scale, "int8" | "fp8")}``.
+
+    What :func:`dense_quant_scales` gives for int8 Dense layers, extended to Conv layers and FP8 rules (a
+    precision plan may mix both), so that the exported graph quantizes every module the fake-quantized model
+    quantizes: the weight scale per output channel (per tensor if the rule says so) as the fake-quantized model
+    computes it (or as converted int8 variables store it) and the per-tensor activation scale. Integer rules
+    must be 8-bit; asymmetric, weight-only and input-only rules have no Q/DQ form here and are left out.
+    """
+    rules = check_rules(rules)
+    if QUANT not in variables:
+        raise ValueError(f"qdq_scales: the variables have no {QUANT!r} collection; calibrate first")
+    check_scales(variables[QUANT], "qdq_scales")
+    targets = trace_targets(apply_fn, variables, *args, rules=rules, what="qdq_scales", **kwargs)
+    params = traverse_util.flatten_dict(dict(variables["params"]))
+    quant = traverse_util.flatten_dict(dict(variables[QUANT]))
+    out = {}
+    for t in targets:
+        if not (t.kind in ("Dense", "Conv") and t.method == "__call__" and t.quantize_weight and t.quantize_input
+                and t.rule.symmetric):
+            continue
+        if t.rule.format == "int" and t.rule.bits != 8:
+            raise ValueError(f"qdq_scales: {t.name} is quantized to {t.rule.bits} bits; ONNX int8 Q/DQ export needs "
+                             "8-bit rules")
+        kernel = params[t.path + ("kernel",)]
+        if t.path + (KERNEL_SCALE,) in quant:
+            w_scale = quant[t.path + (KERNEL_SCALE,)]
+        else:
+            w_scale = weight_scale(jnp.asarray(kernel), t)
+        a_scale, _ = find_input_qparams(variables[QUANT], t.path)
+        out[t.name] = (np.asarray(w_scale, np.float32), float(a_scale), "int8" if t.rule.format == "int" else "fp8")
     return out
 
 

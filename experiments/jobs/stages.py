@@ -82,8 +82,9 @@ def named_paths(text: str, field: str) -> dict[str, str]:
 
 
 def export(config, workdir: str) -> dict:
-    """ONNX files of each model (``workdir/<name>/``) with parity reports; int8 Q/DQ with a quant state (from
-    ``config.quant_states``, or the ``quant_state.npz`` a QAT model directory carries)."""
+    """ONNX files of each model (``workdir/<name>/``) with parity reports and matmul FLOPs by format; int8 Q/DQ
+    with a quant state from ``config.quant_states``, or the file of the scales a QAT model directory carries
+    (int8, FP8, or its precision plan's: :func:`experiments.techniques.qat.carried_rules`)."""
     from experiments.tools import export as export_tool
     model_dirs = named_paths(config.models, "models")
     quant_states = named_paths(config.quant_states, "quant_states")
@@ -95,15 +96,19 @@ def export(config, workdir: str) -> dict:
     precisions = [p.strip() for p in config.precisions.split(",") if p.strip()]
     results = {"models": {}}
     for name, model_dir in model_dirs.items():
-        carried = qat.quant_state_path(model_dir)  # a QAT model carries its own scales
+        carried = qat.quant_state_path(model_dir)  # a QAT model carries its own scales (int8, FP8 or a plan's)
         path = quant_states.get(name) or (carried if storage.is_file(carried) else None)
         quant_state = qat.load_quant_state(path) if path else None
-        wanted = precisions + (["int8"] if quant_state is not None else [])
+        state_precision, plan = "int8", None
+        if quant_state is not None and path == carried:
+            state_precision, _, plan = qat.carried_rules(model_dir)
+        wanted = precisions + ([state_precision] if quant_state is not None else [])
         report = export_tool.export_model_dir(model_dir, os.path.join(workdir, name), wanted, quant_state=quant_state,
-                                              overwrite=True)
+                                              plan=plan, state_precision=state_precision, overwrite=True)
         files = {f: {"max_abs_diff": max(c["max_abs_diff"] for c in r["comparisons"]),
                      "bound": max(c["bound"] for c in r["comparisons"]), "op_counts": r["op_counts"],
                      "precision": f.removeprefix("model_").removesuffix(".onnx"),
+                     "matmul_flops": r["matmul_flops"]["fractions"],
                      "size_mb": storage.size(os.path.join(workdir, name, f)) / 2 ** 20}
                  for f, r in report["files"].items()}
         if config.evaluate:

@@ -1,12 +1,13 @@
 """Task accuracy of a model directory's ONNX exports in onnxruntime, beside the JAX model they came from.
 
     python -m experiments.tools.export_eval --model=DIR --task=sst2 --data_dir=../shared/data/sst2 --out=OUT \
-        [--precision=fp32,fp16,int8] [--calib_batches=16] [--calib_method=percentile:99.99]
+        [--precision=fp32,fp16,int8,fp8] [--calib_batches=16] [--calib_method=percentile:99.99]
 
 Exports the model with :func:`experiments.tools.export.export_model_dir` (int8 activation scales: those a
 QAT model directory carries in ``quant_state.npz``, else calibrated on shuffled training batches of the
-task), then scores the dev split with: the JAX model (float32), the JAX fake-quantized int8 model (when int8
-is requested: what the int8 graph is meant to compute), and each ONNX file in onnxruntime (CPU,
+task; FP8 scales calibrated on the same batches), then scores the dev split with: the JAX model (float32), the
+JAX fake-quantized int8 and FP8 models (when requested: what the Q/DQ graphs are meant to compute), and each
+ONNX file in onnxruntime (CPU,
 ``ORT_ENABLE_ALL``, onnxruntime's default). Reports the task metrics, the change in accuracy points against
 JAX float32 and the share of dev predictions that agree with it; prints a table and writes ``OUT/eval.json``
 beside the ONNX files. Sequence-classification tasks of the Transformer family (the tokenizer comes from the
@@ -37,6 +38,7 @@ from experiments.tools.export import export_model_dir, onnx_feed
 from models import storage
 
 INPUTS = evaluation.TRANSFORMER_INPUTS
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 
 
 def onnx_logits(path: str, task, batch_size: int):
@@ -75,19 +77,25 @@ def evaluate_exports(model_dir: str, task: str, data_dir: str | None, out_dir: s
     model, config, params = models.load(model_dir)
     if config.num_labels != data.num_labels:
         raise ExportError(f"the model has {config.num_labels} labels, task {task!r} has {data.num_labels}")
-    qvars = None
+    qvars = fp8vars = calibration = None
     carried = qat.quant_state_path(model_dir)
     if "int8" in precisions and storage.is_file(carried):  # a QAT model's own scales: what it trained with
         qvars = {"params": params, q.QUANT: qat.load_quant_state(carried)}
     elif "int8" in precisions:
         calibration = evaluation.calibration_batches(data.train, INPUTS, calib_batches, batch_size)
         qvars = q.calibrate(model.apply, {"params": params}, calibration, method=calib_method)
+    if "fp8" in precisions:  # the export calibrates on the same batches: the same scales
+        calibration = calibration or evaluation.calibration_batches(data.train, INPUTS, calib_batches, batch_size)
+        fp8vars = q.calibrate(model.apply, {"params": params}, calibration, q.FP8_RULES, method=calib_method)
     report = export_model_dir(model_dir, out_dir, precisions, quant_state=qvars and qvars[q.QUANT],
+                              calibration=calibration if fp8vars is not None else None, calib_method=calib_method,
                               outputs=["logits"], overwrite=overwrite)
 
     jax_models = {"jax_fp32": (model.apply, {"params": params})}
     if qvars is not None:
         jax_models["jax_int8_fake_quant"] = (q.fake_quant().wrap(model.apply), qvars)
+    if fp8vars is not None:
+        jax_models["jax_fp8_fake_quant"] = (q.fake_quant(q.FP8_RULES).wrap(model.apply), fp8vars)
     predictions = {name: evaluation.dev_predictions(fn, v, data, INPUTS, batch_size)
                    for name, (fn, v) in jax_models.items()}
     for p in precisions:
@@ -114,7 +122,6 @@ FLAGS = flags.FLAGS
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
-    from compression.export import PRECISIONS
     from experiments.tools import cli
 
     flags.DEFINE_string("model", None, "fine-tuned Transformer model directory (models.save)", flag_values=fv)

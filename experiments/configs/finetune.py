@@ -37,6 +37,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from experiments.data import tasks
 from experiments.runtime import selection
 from experiments.runtime.config_validation import prefixed
 from experiments.runtime.parallel import MODES
@@ -79,11 +80,23 @@ def _optional_str(value: str | None) -> config_dict.FieldReference:
     return config_dict.FieldReference(value, field_type=str)
 
 
+def task_and_options(arg: str, options) -> tuple[str, list[str]]:
+    """Splits a config argument ``TASK[,OPTION...]`` whose TASK may hold commas itself (``tsv:text=a,label=b``):
+    the trailing comma-separated parts that are known ``options`` are the options, the rest is the task."""
+    parts = arg.split(",")
+    found = []
+    while len(parts) > 1 and parts[-1] in options:
+        found.insert(0, parts.pop())
+    return ",".join(parts), found
+
+
 def training_config(task: str) -> ml_collections.ConfigDict:
     """The fields every training job shares (data, run length, optimizer, checkpoints) and every technique's
-    section (``distill``, ``qat``, ``l0``, ``layerdrop``, ``theseus``, ``loss_scale``), all off by default."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
+    section (``distill``, ``qat``, ``l0``, ``layerdrop``, ``theseus``, ``loss_scale``), all off by default.
+    ``task``: any name :func:`experiments.data.load_task` reads (the tasks of :data:`TASKS` have measured
+    defaults; others, e.g. ``tsv:text=sentence,label=label``, generic ones, with ``--config.data_dir``)."""
+    if not tasks.is_task_name(task):
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(tasks.known_task_names())}")
     c = ml_collections.ConfigDict()
     c.task = task  # task name understood by experiments.data.load_task
     c.data_dir = _optional_str(default_data_dir(task))  # the task's data folder; None for generated tasks
@@ -160,7 +173,7 @@ def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
     c.job = "finetune"  # experiments.main runs the fine-tuning job (experiments/jobs/train.py)
     # HF BERT checkpoint to fine-tune (new head), or a model directory saved by a job (continue training it,
     # head kept: e.g. QAT, L0 pruning or module replacement of a fine-tuned model); None: train from scratch
-    c.model_dir = _optional_str(None if task == "synthetic" else minilm_dir())
+    c.model_dir = _optional_str(None if task.startswith("synthetic") else minilm_dir())
 
     c.layers = ml_collections.ConfigDict()  # depth at initialisation
     c.layers.init = "all"  # "all" layers of model_dir, or "every_other" (layers 0, 2, 4, ...: a half-depth model)
@@ -176,8 +189,9 @@ def get_config(task: str = "synthetic") -> ml_collections.ConfigDict:
 
 
 def task_defaults(c: ml_collections.ConfigDict, task: str) -> None:
-    """The measured run length, cadence and metric of each task (for the teacher's fine-tuning)."""
-    if task == "synthetic":
+    """The measured run length, cadence and metric of each task (for the teacher's fine-tuning); generated tasks
+    take the synthetic task's, other tasks (your own files, hub datasets) generic ones: 3 epochs at length 128."""
+    if task.startswith("synthetic"):
         c.max_length = 32
         c.optimizer.learning_rate = 2e-3
         c.optimizer.weight_decay = 0.0
@@ -214,3 +228,10 @@ def task_defaults(c: ml_collections.ConfigDict, task: str) -> None:
         c.eval_every_steps = 500 if task == "wikiann" else 100
         c.checkpoint.every_steps = c.eval_every_steps
         c.checkpoint.best_metric = "span_f1"
+    elif task not in TASKS:  # your own data: generic defaults
+        c.max_length = 128
+        c.num_epochs = 3.0
+        c.eval_every_steps = 100
+        c.checkpoint.every_steps = 100
+        if tasks.is_token_task(task):
+            c.checkpoint.best_metric = "span_f1"

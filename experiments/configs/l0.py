@@ -33,7 +33,7 @@ CONSTRAINTS = finetune.CONSTRAINTS
 
 def get_config(arg: str = "synthetic") -> ml_collections.ConfigDict:
     """``arg`` = ``TASK[,nokd]``; see the module docstring."""
-    task, *parts = arg.split(",")
+    task, parts = finetune.task_and_options(arg, ("nokd",))
     if parts not in ([], ["nokd"]):
         raise ValueError(f"unexpected {','.join(parts)!r} in l0.py:{arg}; the optional second part is 'nokd'")
     c = finetune.get_config(task)

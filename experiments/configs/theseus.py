@@ -37,7 +37,7 @@ CONSTRAINTS = finetune.CONSTRAINTS
 
 def get_config(arg: str = "synthetic,linear") -> ml_collections.ConfigDict:
     """``arg`` = ``TASK,SCHEDULE[,mqa]``; see the module docstring."""
-    task, *parts = arg.split(",")
+    task, parts = finetune.task_and_options(arg, (*SCHEDULES, "mqa"))
     schedule, rest = (parts[0], parts[1:]) if parts else ("linear", [])
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r} for theseus.py; allowed: {list(SCHEDULES)}")

@@ -12,7 +12,7 @@ Names
     ``data_dir``; OPTIONS are ``key=value`` pairs separated by ``,``:
 
     - tsv/csv: ``text``, ``text_b``, ``label`` (column names, or 0-based indices with ``header=0``),
-      ``header`` (1/0, default 1); files ``train.tsv``/``dev.tsv`` (``.csv``); CSV honours quotes, TSV not;
+      ``header`` (true/false or 1/0, default true); files ``train.tsv``/``dev.tsv`` (``.csv``); CSV honours quotes, TSV not;
     - jsonl: ``text`` (and ``text_b``) or ``tokens``, ``label`` (default ``label``); files ``train.jsonl``,
       ``dev.jsonl``;
     - conll: ``prefix`` (stripped from tokens, e.g. ``en:``); files ``train.conll``/``dev.conll``;
@@ -136,6 +136,18 @@ _GENERIC = {  # prefix -> (default file extension, allowed option keys)
 }
 
 
+def is_task_name(name: str) -> bool:
+    """Whether ``name`` has a form :func:`load_task` reads (its options are checked when it is loaded)."""
+    return (name in SYNTHETIC_TASKS or name in LOCAL_TASKS or name.partition(":")[0] in _GENERIC
+            or name.startswith(("glue/", "hub:")))
+
+
+def is_token_task(name: str) -> bool:
+    """Whether ``name`` is a tagging task (one tag per word), known from its name alone."""
+    return (name in ("synthetic_ner", "wikiann", "wnut17") or name.partition(":")[0] == "conll"
+            or (name.startswith("jsonl:") and "tokens=" in name))
+
+
 def known_task_names() -> list[str]:
     """Fixed task names plus the generic name forms."""
     return [*SYNTHETIC_TASKS, *LOCAL_TASKS, "tsv:...", "csv:...", "jsonl:...", "conll[:...]", "glue/<config>",
@@ -191,13 +203,11 @@ def _read_generic(name: str, data_dir) -> tuple[RawSplit, RawSplit, tuple[str, .
     if prefix in ("tsv", "csv"):
         if "text" not in opts or "label" not in opts:
             raise ValueError(f"task {name!r}: give the columns, e.g. {prefix}:text=sentence,label=label")
-        header = opts.get("header", "1")
-        if header not in ("0", "1"):
-            raise ValueError(f"task {name!r}: header must be 1 or 0, got {header!r}")
-        column = (lambda c: c) if header == "1" else _index_option(name)
+        header = _boolean_option(name, "header", opts.get("header", "1"))
+        column = (lambda c: c) if header else _index_option(name)
         read = functools.partial(read_delimited, text=column(opts["text"]), label=column(opts["label"]),
                                  text_b=column(opts["text_b"]) if "text_b" in opts else None,
-                                 header=header == "1", delimiter="\t" if prefix == "tsv" else ",",
+                                 header=header, delimiter="\t" if prefix == "tsv" else ",",
                                  quoting=prefix == "csv")
     elif prefix == "jsonl":
         read = functools.partial(read_jsonl, text=opts.get("text"), text_b=opts.get("text_b"),
@@ -209,6 +219,15 @@ def _read_generic(name: str, data_dir) -> tuple[RawSplit, RawSplit, tuple[str, .
     train, dev = (read(os.path.join(folder, f)) for f in files)
     values = tuple(opts["labels"].split("|")) if "labels" in opts else tuple(infer_label_values(train))
     return train, dev, values, list(values)
+
+
+BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _boolean_option(name: str, key: str, value: str) -> bool:
+    if value.lower() not in BOOLEANS:
+        raise ValueError(f"task {name!r}: {key} must be true or false (or 1/0, yes/no), got {value!r}")
+    return BOOLEANS[value.lower()]
 
 
 def _index_option(name: str) -> Callable[[str], int]:

@@ -286,12 +286,16 @@ def write_table(config, workdir: str, command: str) -> dict:
     """Writes ``claims.md`` and ``claims.json`` into ``workdir`` (and ``config.publish``); returns the table."""
     table = claim_table(config, workdir)
     text = render(table, command)
-    targets = [os.path.join(workdir, TABLE)] + ([config.publish] if config.publish else [])
-    for path in targets:
-        storage.write_text(path, text)
-        observe.write_json(os.path.splitext(path)[0] + ".json", table)
-    logging.info("claims table: %s", ", ".join(targets))
+    for path in [os.path.join(workdir, TABLE)] + ([config.publish] if config.publish else []):
+        publish(text, table, path)
     return table
+
+
+def publish(text: str, table: dict, path: str) -> None:
+    """Writes the table's text to ``path`` and its JSON beside it (``.json``)."""
+    storage.write_text(path, text)
+    observe.write_json(os.path.splitext(path)[0] + ".json", table)
+    logging.info("claims table: %s", path)
 
 
 def run_claims(config, workdir: str) -> dict:

@@ -137,6 +137,10 @@ def test_generic_tsv_csv_jsonl_and_conll(write, tmp_path, wordpiece):
     task = load_task("tsv:text=0,label=1,header=0,labels=p|n,dev=other.tsv", tmp_path / "h", word_vocab="build")
     assert task.label_names == ["p", "n"] and task.dev.labels.tolist() == [1]
     assert next(task.dev.batches(1))["word_ids"][0, :1].tolist() == [1]  # "z" is not in the train vocabulary
+    same = load_task("tsv:text=0,label=1,header=false,labels=p|n,dev=other.tsv", tmp_path / "h")
+    assert same.train.texts == task.train.texts == ["x", "q"]  # true/false read as 1/0
+    with pytest.raises(ValueError, match="header must be true or false"):
+        load_task("tsv:text=0,label=1,header=nope,dev=other.tsv", tmp_path / "h")
     write("h/train.tsv", "x\tp\nq\ty\tn\n")
     with pytest.raises(ValueError, match=r"train.tsv:2: expected 2 fields"):
         load_task("tsv:text=0,label=1,header=0,dev=other.tsv", tmp_path / "h")

@@ -1,9 +1,9 @@
 """Dev-set quality of a saved model (Transformer, BiLSTM or CNN-LSTM) under float32, post-training int8
-quantization, real int8 and, optionally, quantization-aware training.
+quantization, real int8 and, optionally, post-training FP8, a precision plan and quantization-aware training.
 
     python -m experiments.tools.quant_eval --model_dir=runs/sst2/model --data_dir=../shared/data/sst2 \
         --calibrators=max,percentile:99.99,mse,entropy --calib_examples=512 --out=runs/sst2/quant.json \
-        [--qat_model_dir=runs/sst2_qat/model]
+        [--formats=int8,fp8] [--plan=runs/sst2_plan/precision_plan.json] [--qat_model_dir=runs/sst2_qat/model]
 
 ``--model_dir`` is a model directory written by ``models.save`` of any family (every training job writes one
 to ``WORKDIR/model``); the task, ``extra.task`` unless ``--task``, is encoded as that family reads it
@@ -24,6 +24,12 @@ inputs of the first ``--calib_examples`` examples (rounded to whole batches) of 
   that holds none out). ``choice`` in the JSON gives every calibrator's selection-split metric and the pick.
   ``agreement_with_ptq`` is the share of dev predictions equal to the simulation it was converted from (the
   int8 Dense computes what the fake-quantized Dense computes, to the bit, so 1.0 is expected in every family);
+* ``fp8:<calibrator>`` (with ``--formats`` holding ``fp8``): simulated FP8 (E4M3) with the default rules in FP8
+  (:data:`compression.quantization.FP8_RULES`), for each calibrator that calibrates FP8 (``entropy`` does not);
+  ``choice_fp8`` in the JSON: the one scoring best on the selection split, as for int8;
+* ``plan`` (with ``--plan``): simulated with a precision plan's rules (each site int8, FP8 or float; the plan's
+  calibrators, on the same calibration batches), with ``low_precision_flops``, the share of the sites' matmul
+  FLOPs the plan keeps in int8 or FP8;
 * ``qat`` and ``qat:int8`` (with ``--qat_model_dir``): a model directory trained with quantization-aware training
   from ``--model_dir`` (same architecture and tokenizer/vocabularies) holding ``quant_state.npz``, its calibrated
   ``quant`` collection (:func:`experiments.techniques.qat.save_quant_state`): fake-quantized with that state, and
@@ -67,12 +73,13 @@ from absl import flags
 import models
 from compression import quantization as q
 from compression.quantization.int8 import runs_in_int8
+from compression.quantization.plans import PrecisionPlan
 from compression.quantization.rules import trace_targets
 from experiments.benchmarks import common
 from experiments.data import TaskData
 from experiments.runtime import evaluation, selection
 from experiments.techniques import qat
-from experiments.techniques.qat import QUANT_STATE_FILE
+from experiments.techniques.qat import QUANT_STATE_FILE, load_plan
 from experiments.tools import cli
 from models import storage
 
@@ -129,9 +136,11 @@ def load_qat(qat_dir: str, model_dir: str, params) -> tuple[dict, dict]:
 def evaluate_quantized(model, params, task: TaskData, calibrators: Sequence[str] = q.PTQ_CALIBRATORS, *,
                        calib_examples: int = 512, batch_size: int = 32, int8_calibrator: str | None = None,
                        seed: int = 0, rules: Sequence[q.QuantRule] = q.DEFAULT_RULES,
-                       qat: tuple[Mapping, Mapping] | None = None) -> dict:
+                       qat: tuple[Mapping, Mapping] | None = None, formats: Sequence[str] = ("int8",),
+                       plan: PrecisionPlan | None = None) -> dict:
     """``{"modules": quantized_modules(...), "rows": [...]}``, the rows described in the module docstring,
-    float32 first; ``qat``: ``(params, quant)`` of a QAT model (:func:`load_qat`) adds ``qat`` and ``qat:int8``."""
+    float32 first; ``qat``: ``(params, quant)`` of a QAT model (:func:`load_qat`) adds ``qat`` and ``qat:int8``;
+    ``formats`` with ``fp8`` adds the ``fp8:<calibrator>`` rows, ``plan`` the ``plan`` row."""
     if not calibrators:
         raise ValueError("give at least one calibrator")
     if int8_calibrator is not None and int8_calibrator not in calibrators:
@@ -178,7 +187,24 @@ def evaluate_quantized(model, params, task: TaskData, calibrators: Sequence[str]
         qat_variables = {"params": qat[0], q.QUANT: qat[1]}
         add("qat", fake, qat_variables, True)
         add_int8("qat:int8", qat_variables, "qat")
-    return {"modules": modules, "rows": rows, "choice": choice}
+    result = {"modules": modules, "rows": rows, "choice": choice}
+    fp8_calibrators = tuple(c for c in calibrators if "fp8" in q.get_calibrator(c).formats)
+    if "fp8" in formats and fp8_calibrators:
+        fake8 = q.fake_quant(q.with_format(rules, "fp8")).wrap(model.apply)
+        start = time.perf_counter()
+        variants8 = q.post_training_variants(keyed, params, calib, fp8_calibrators, rules=q.with_format(rules, "fp8"))
+        seconds = time.perf_counter() - start
+        for name, variables in variants8.items():
+            add(f"fp8:{name}", fake8, variables, True, calib_examples=n_calib, calib_seconds=seconds)
+        result["choice_fp8"] = choose_calibrator(fake8, variants8, task, inputs, batch_size)[1]
+    if plan is not None:
+        plan_rules = plan.rules()
+        variables = q.calibrate(keyed, {"params": params}, calib, plan_rules)
+        flops = plan.flops()
+        add("plan", q.fake_quant(plan_rules).wrap(model.apply), variables, True, calib_examples=n_calib,
+            low_precision_flops=(flops["int8"] + flops["fp8"]) / max(sum(flops.values()), 1))
+        result["plan"] = plan.to_dict()
+    return result
 
 
 def choose_calibrator(fake_apply, variants: Mapping[str, dict], task: TaskData, inputs: Sequence[str],
@@ -209,6 +235,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                         "model's held-out train rows; dev for a model that holds none out)", flag_values=fv)
     flags.DEFINE_string("qat_model_dir", None, "a QAT model directory trained from --model_dir, with "
                         "quant_state.npz: adds the qat and qat:int8 rows", flag_values=fv)
+    flags.DEFINE_list("formats", ["int8"], "int8 and/or fp8: fp8 adds the fp8:<calibrator> rows (simulated FP8 "
+                      "E4M3 PTQ)", flag_values=fv)
+    flags.DEFINE_string("plan", None, "a precision plan (precision_plan.json): adds the plan row", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed of the calibration shuffle", lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("synthetic_size", 2000, "synthetic tasks only", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("out", None, "JSON results path", flag_values=fv)
@@ -218,6 +247,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     cli.directory(fv, "data_dir")
     cli.task(fv, "task")
     cli.calibrator(fv, "calibrators")
+    cli.subset(fv, "formats", ("int8", "fp8"))
+    cli.file(fv, "plan")
     flags.register_multi_flags_validator(
         ["int8_calibrator", "calibrators"], lambda d: d["int8_calibrator"] in [None, *d["calibrators"]],
         "--int8_calibrator must be one of --calibrators", flag_values=fv)
@@ -229,20 +260,23 @@ def run(fv: flags.FlagValues) -> dict:
                                                           max_length=fv.max_length, seed=fv.seed,
                                                           synthetic_size=fv.synthetic_size, with_selection=True)
     qat = load_qat(fv.qat_model_dir, fv.model_dir, params) if fv.qat_model_dir else None
+    plan = load_plan(fv.plan) if fv.plan else None
     result = evaluate_quantized(model, params, task, fv.calibrators, calib_examples=fv.calib_examples,
-                                batch_size=fv.batch_size, int8_calibrator=fv.int8_calibrator, seed=fv.seed, qat=qat)
+                                batch_size=fv.batch_size, int8_calibrator=fv.int8_calibrator, seed=fv.seed, qat=qat,
+                                formats=fv.formats, plan=plan)
     rows = result["rows"]
     metric_columns = [k for k in rows[0] if k in task.metric_names or k.startswith(("span_", "token_"))]
     qat_columns = ["agreement_with_qat", "delta_vs_qat"] if qat else []
     common.print_table(rows, ["variant", *metric_columns, "delta_vs_float32", "agreement_with_float32",
                               "agreement_with_ptq", "delta_vs_ptq", *qat_columns, "quantized_modules",
-                              "int8_modules", "dev_seconds"],
+                              "int8_modules", *(["low_precision_flops"] if plan else []), "dev_seconds"],
                        f"{task.name} dev ({len(task.dev)} examples), {cfg.family}: float32, int8 PTQ, real int8"
+                       + (", FP8 PTQ" if "fp8" in fv.formats else "") + (", plan" if plan else "")
                        + (", QAT" if qat else ""))
-    if result["choice"]:
-        c = result["choice"]
-        print(f"int8 calibrator chosen on the {c['split']} split ({c['examples']} examples): {c['chosen']} "
-              f"({', '.join(f'{k} {v:.4f}' for k, v in c['scores'].items())})")
+    for kind, c in (("int8", result["choice"]), ("fp8", result.get("choice_fp8"))):
+        if c:
+            print(f"{kind} calibrator chosen on the {c['split']} split ({c['examples']} examples): {c['chosen']} "
+                  f"({', '.join(f'{k} {v:.4f}' for k, v in c['scores'].items())})")
     payload = {"model_dir": fv.model_dir, "qat_model_dir": fv.qat_model_dir, "family": cfg.family,
                "task": task.name, "dev_examples": len(task.dev), **result}
     common.write_json(fv.out, payload)

@@ -312,9 +312,8 @@ def run_claims(config, workdir: str) -> dict:
                f"--config.seeds={config.seeds}")
     table = None
     for claim in catalogue.claims_to_run(config):
-        runs = catalogue.runs_of(claim, config.budget, config.seeds)
-        stages = [n for n in names if n == catalogue.teacher_stage(claim.tasks[config.budget])
-                  or any(n in r for r in runs.values())]
+        wanted = set(catalogue.stages_of(claim, config.budget, config.seeds))
+        stages = [n for n in names if n in wanted]
         logging.info("claim %s: %d runs (%s)", claim.name, len(stages), ", ".join(stages))
         recipes.run_stages(config, workdir, stages)
         if observe.is_writer():

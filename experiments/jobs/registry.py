@@ -63,14 +63,18 @@ def _link_export(stage_config, sources: list[str], recipe: RecipeView) -> None:
         stage_config.quant_states = ",".join(f"{s}={p}" for s, p in quant.items())
 
 
+STUDENT_SOURCES = ("general_distill", "distill")  # stage kinds whose model a distill stage starts from
+
+
 def _link_distill(stage_config, sources: list[str], recipe: RecipeView) -> None:
-    """Distillation: the teacher from its source stage; a general-distillation source is instead the pretrained
-    student the stage starts from (``student.model_dir``: TinyBERT's pipeline, general then task distillation)."""
-    general = [s for s in sources if recipe.config[s].kind == "general_distill"]
+    """Distillation: the teacher from its source stage; a general-distillation or distillation source is instead
+    the student the stage starts from (``student.model_dir``: TinyBERT's pipelines, general then task
+    distillation, and intermediate-layer then prediction-layer distillation)."""
+    general = [s for s in sources if recipe.config[s].kind in STUDENT_SOURCES]
     teachers = [s for s in sources if s not in general]
     if len(general) > 1 or len(teachers) > 1:
-        raise config_validation.ConfigError(f"a distill stage takes one teacher stage and at most one general "
-                                            f"distillation stage as sources, got {sources}")
+        raise config_validation.ConfigError(f"a distill stage takes one teacher stage and at most one student "
+                                            f"stage (general_distill or distill) as sources, got {sources}")
     with stage_config.unlocked():
         if teachers:
             stage_config.teacher_dir = recipe.model_dir(teachers[0])

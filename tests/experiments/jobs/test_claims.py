@@ -106,5 +106,5 @@ def test_every_budget_builds_runs_that_fit_their_jobs(budget, tmp_path):
         if view.sources(name):
             job.link_sources(config[name].config, view.sources(name), view)
         job.validate(config[name].config)
-    with pytest.raises(ValueError, match="tinybert.*not built"):
-        claims_config.get_config(f"{budget},tinybert")
+    with pytest.raises(ValueError, match="multitask_teacher.*not built"):
+        claims_config.get_config(f"{budget},multitask_teacher")

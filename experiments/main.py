@@ -1,8 +1,8 @@
 """Entry point: ``python -m experiments.main --config=experiments/configs/finetune.py:TASK --workdir=DIR``.
 
 Parses flags and runs the config's job (``config.job``, one of :data:`experiments.jobs.registry.JOBS`:
-``finetune``, ``distill``, ``theseus``, ``l0``, ``qat``, ``multitask``, ``prune``, ``quantize``, ``export``,
-``recipe``); everything else lives in the library. Override config fields with ``--config.a.b=value``; an
+``finetune``, ``distill``, ``general_distill``, ``theseus``, ``l0``, ``qat``, ``multitask``, ``prune``, ``quantize``,
+``export``, ``recipe``); everything else lives in the library. Override config fields with ``--config.a.b=value``; an
 unknown field is named with the closest known one before anything runs. Multi-host runs join the cluster
 first: on TPU VMs and pod slices pass ``--distributed`` (JAX finds the coordinator); on one machine
 ``launch/local_multiprocess.py`` passes ``--coordinator_address``, ``--num_processes``, ``--process_id`` and

@@ -127,8 +127,8 @@ class TransformerOutput:
     """What :class:`Transformer` returns. Arrays are [batch, ...]; ``None`` where not requested.
 
     Attributes:
-      logits: head output, float32. sequence: [B, num_labels]; token: [B, S, num_labels]; mlm: [B, S, V];
-        ``None`` for ``head="none"``.
+      logits: head output, float32. sequence: [B, num_labels]; token: [B, S, num_labels]; mlm: [B, S, V], or
+        [B, P, V] at the ``mlm_positions`` [B, P] the call names; ``None`` for ``head="none"``.
       last_hidden_state: [B, S, H], the final layer's output.
       pooled: [B, H], the BERT pooler output (sequence head only).
       hidden_states: with ``output_hidden_states``: tuple of L+1 arrays [B, S, H], the embedding output
@@ -266,6 +266,8 @@ class Transformer(nn.Module):
     Call: ``apply({'params': p}, input_ids [B, S] int32, attention_mask=[B, S] (1 = token, 0 = padding),
     token_type_ids=[B, S], train=False, output_hidden_states=False, output_attentions=False)`` ->
     :class:`TransformerOutput`. ``train=True`` enables dropout (needs the ``'dropout'`` RNG).
+    ``mlm_positions`` (int [B, P], MLM head only) runs the MLM head on those positions alone (BERT's gathered
+    masked positions): the logits are [B, P, V] instead of a vocabulary-wide product at every position.
 
     ``encoder_cls`` swaps the layer stack for another module with :class:`Encoder`'s interface (module
     replacement uses it); extra keyword arguments of the call go to it.
@@ -276,7 +278,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, train: bool = False,
-                 output_hidden_states: bool = False, output_attentions: bool = False,
+                 output_hidden_states: bool = False, output_attentions: bool = False, mlm_positions=None,
                  **encoder_kwargs) -> TransformerOutput:
         cfg = self.config
         if input_ids.ndim != 2:
@@ -299,6 +301,8 @@ class Transformer(nn.Module):
         encoder = (self.encoder_cls or Encoder)(cfg, name="encoder")
         x, layer_outputs, probs_all, scores_all = encoder(embedded, mask_bias, deterministic, **encoder_kwargs)
         hidden = (embedded, *layer_outputs)
+        if mlm_positions is not None and cfg.head != "mlm":
+            raise ValueError(f"mlm_positions is for the MLM head; this model's head is {cfg.head!r}")
 
         logits, pooled = None, None
         drop_rate = cfg.classifier_dropout_rate if cfg.classifier_dropout_rate is not None else cfg.hidden_dropout_rate
@@ -310,7 +314,9 @@ class Transformer(nn.Module):
             h = nn.Dropout(drop_rate)(x, deterministic=deterministic)
             logits = Island("logits", name="logits_island")(lambda t: t, _dense(cfg.num_labels, cfg, "classifier")(h))
         elif cfg.head == "mlm":
-            logits = MLMHead(cfg, name="mlm")(x, word)
+            h = x if mlm_positions is None else jnp.take_along_axis(
+                x, jnp.asarray(mlm_positions, jnp.int32)[..., None], axis=1)
+            logits = MLMHead(cfg, name="mlm")(h, word)
         return TransformerOutput(
             logits=logits, last_hidden_state=x, pooled=pooled,
             hidden_states=hidden if output_hidden_states else None,
@@ -357,3 +363,25 @@ class MLMHead(nn.Module):
         h = Island("layernorm", name="norm_island")(lambda t: norm(t), h)
         bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,), resolve_dtype(cfg.param_dtype))
         return Island("logits", name="logits_island")(lambda t: t, word_embed.attend(h) + bias.astype(h.dtype))
+
+
+TASK_HEADS = ("sequence", "token")
+HEAD_SUBTREES = ("pooler", "classifier", "mlm")  # parameters that belong to a head, not to the body
+
+
+def with_task_head(config: TransformerConfig, params, head: str, num_labels: int, key: jax.Array):
+    """A pretrained body (a model with ``head`` "none" or "mlm", e.g. a general-distillation student) with a fresh
+    task head: the MLM head is dropped; a pooler the body has is kept (it is pretrained, as in BERT), and what the
+    new head lacks (pooler, classifier) is initialised from ``key``.
+
+    Returns ``(config, params)`` for ``head`` ("sequence" or "token") over ``num_labels`` classes.
+    """
+    if head not in TASK_HEADS:
+        raise ValueError(f"head {head!r} is not a task head; allowed: {TASK_HEADS}")
+    new_cfg = config.replace(head=head, num_labels=num_labels)
+    fresh = jax.jit(Transformer(new_cfg).init)(key, jnp.zeros((1, 1), jnp.int32))["params"]
+    out = {k: v for k, v in params.items() if k not in HEAD_SUBTREES}
+    for name in HEAD_SUBTREES:
+        if name in fresh:
+            out[name] = params[name] if name == "pooler" and name in params else fresh[name]
+    return new_cfg, out

@@ -93,6 +93,10 @@ def get_config(arg: str = "synthetic,transformer3") -> ml_collections.ConfigDict
     c.student.family = family  # transformer | bilstm | cnn_lstm
     c.student.num_layers = 3  # layers of a Transformer student / stacked BiLSTM layers (BiLSTM, CNN-LSTM)
     c.student.init = "every_other"  # Transformer student: "every_other" | "first" teacher layers, or "random"
+    # Transformer student: a pretrained student to start from instead (a general-distillation model directory,
+    # experiments/configs/general_distill.py, or a BERT checkpoint): its own depth and width, a fresh task head;
+    # student.num_layers and student.init are then unused. None: built from the teacher
+    c.student.model_dir = finetune._optional_str(None)
     c.student.embed_dim = 300  # BiLSTM, CNN-LSTM: word embedding width
     c.student.hidden_size = 150  # BiLSTM, CNN-LSTM: hidden units per direction
     c.student.mlp_hidden = 200  # BiLSTM: ReLU layer before the logits

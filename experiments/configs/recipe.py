@@ -15,6 +15,12 @@ scratch.
 ``sst2`` is the same recipe on real SST-2 with MiniLM, plus the two students trained without distillation
 (``transformer3_nokd``, ``bilstm_nokd``) as baselines: about 3.5 hours on 2 CPU cores (measured: teacher 92
 minutes, the other stages 109 minutes; results in the README).
+``tinybert`` is TinyBERT's pipeline on SST-2 (docs/general_distillation.md): the MiniLM teacher fine-tuned, MiniLM
+distilled on raw text into TinyBERT-4's shape (general distillation, ``--config.corpus=FILE``), then the task
+distilled from the teacher into that student (intermediate layers through a learned projection, and soft targets)::
+
+    python -m experiments.main --config=experiments/configs/recipe.py:tinybert --workdir=runs/tinybert \
+        --config.corpus=runs/corpus/tasks.txt --config.data_dir=../shared/data/sst2
 Rerunning the same command skips finished stages and resumes an interrupted one. Override any stage field with e.g.
 ``--config.teacher.config.num_epochs=1`` or drop stages with ``--config.stages=teacher,bilstm,report``.
 
@@ -26,14 +32,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import distill, export, finetune, l0, prune, qat, quantize, theseus
+from experiments.configs import distill, export, finetune, general_distill, l0, prune, qat, quantize, theseus
 
-PROFILES = ("demo", "sst2")
+PROFILES = ("demo", "sst2", "tinybert")
 
 
 def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
     if profile not in PROFILES:
         raise ValueError(f"unknown recipe profile {profile!r}; allowed: {list(PROFILES)}")
+    if profile == "tinybert":
+        return tinybert_config()
     task = "synthetic" if profile == "demo" else "sst2"  # the stage configs' presets
     c = ml_collections.ConfigDict()
     c.job = "recipe"  # experiments.main runs experiments.jobs.recipes.run_recipe
@@ -152,6 +160,47 @@ def get_config(profile: str = "demo") -> ml_collections.ConfigDict:
         c.bilstm.config.augment.n_per_example = 1
         c.report.seq = 64
         c.report.rounds = 3
+    return c
+
+
+def tinybert_config() -> ml_collections.ConfigDict:
+    """TinyBERT's two stages on SST-2: teacher, general distillation, task distillation into the general student."""
+    c = ml_collections.ConfigDict()
+    c.job = "recipe"  # experiments.main runs experiments.jobs.recipes.run_recipe
+    c.task = "sst2"  # the task of the teacher and the task-distillation stage
+    c.data_dir = finetune._optional_str(finetune.default_data_dir("sst2"))  # the task's data folder
+    c.corpus = finetune._optional_str(None)  # raw text of the general distillation (one sentence or document a line)
+    c.synthetic_size = 2000  # training examples of a generated task
+    c.seed = 0  # data order and initialisation seed shared by the stages
+    c.stages = "teacher,general,student"  # stage names in order (each has a section below)
+
+    c.teacher = ml_collections.ConfigDict()  # 1. MiniLM fine-tuned on the task (experiments/configs/finetune.py)
+    c.teacher.kind = "finetune"
+    c.teacher.config = finetune.get_config("sst2")
+
+    c.general = ml_collections.ConfigDict()  # 2. MiniLM distilled on raw text (experiments/configs/general_distill.py)
+    c.general.kind = "general_distill"
+    c.general.config = general_distill.get_config("tinybert")
+    c.general.config.corpus = c.get_ref("corpus")
+    c.general.config.seed = c.get_ref("seed")
+
+    # 3. The task distilled from the teacher (first source) into the general student (second source):
+    # experiments/configs/distill.py's TinyBERT student, its student.model_dir filled in from the general stage
+    c.student = ml_collections.ConfigDict()
+    c.student.kind = "distill"
+    c.student.source = "teacher,general"
+    c.student.config = distill.get_config("sst2,transformer3_tinybert")
+
+    c.report = ml_collections.ConfigDict()
+    c.report.enabled = True  # write report.md/.html and plots at the end (the teacher and the task student)
+    c.report.batch = 32  # throughput batch
+    c.report.seq = 128  # throughput sequence length
+    c.report.rounds = 5  # interleaved timing rounds
+    for sc in (c.teacher.config, c.student.config):
+        sc.task = c.get_ref("task")
+        sc.data_dir = c.get_ref("data_dir")
+        sc.seed = c.get_ref("seed")
+        sc.synthetic_size = c.get_ref("synthetic_size")
     return c
 
 

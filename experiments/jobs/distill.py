@@ -2,7 +2,9 @@
 
 The teacher is a model directory written by fine-tuning (``config.teacher_dir``). Students: a Transformer
 initialised from a subset of the teacher's layers (``student.init``: every other layer, DistilBERT's
-initialisation, the first layers, or random), a BiLSTM over words (sequence tasks; Tang et al. 2019), or the
+initialisation, the first layers, or random) or from a pretrained student (``student.model_dir``: a model
+directory of general distillation, ``experiments/jobs/general_distill.py``, or a BERT checkpoint; its own shape and
+a fresh task head: TinyBERT's second stage), a BiLSTM over words (sequence tasks; Tang et al. 2019), or the
 CNN-LSTM tagger over words and characters (token tasks; Izsak et al. 2019). The loss -- any
 :mod:`compression.distillation` preset, from cached teacher logits or a live teacher (PKD, TinyBERT) -- is the
 ``distill`` technique's (:mod:`experiments.techniques.distill`); ``preset = "none"`` trains the same student
@@ -200,6 +202,23 @@ def transformer_student(teacher_cfg: TransformerConfig, teacher_params, num_laye
     return cfg, params
 
 
+def pretrained_student(model_dir: str, teacher_cfg: TransformerConfig, task: TaskData, key, dropout_rate: float,
+                       max_length: int):
+    """The Transformer of ``model_dir`` (a general-distillation student, or a Hugging Face BERT checkpoint) with a
+    fresh sequence head; it must read the teacher's vocabulary (the task is encoded with the teacher's tokenizer)."""
+    from experiments.jobs.train import is_saved_model, saved_transformer
+    from models import hf
+
+    if is_saved_model(model_dir):
+        cfg, params = saved_transformer(model_dir, max_length, task, "sequence", key)
+    else:
+        cfg, params = hf.load_bert(model_dir, head="sequence", num_labels=task.num_labels, init_key=key)
+    if cfg.vocab_size != teacher_cfg.vocab_size:
+        raise ConfigError(f"config.student.model_dir {model_dir} has a vocabulary of {cfg.vocab_size} ids, the "
+                          f"teacher {teacher_cfg.vocab_size}: the student must read the teacher's tokenizer")
+    return cfg.replace(hidden_dropout_rate=dropout_rate, attention_dropout_rate=dropout_rate), params
+
+
 def bilstm_student(task: TaskData, s, key):
     cfg = BiLSTMConfig(vocab_size=len(task.word_vocab.units), embed_dim=s.embed_dim, hidden_size=s.hidden_size,
                        num_layers=s.num_layers, mlp_hidden=s.mlp_hidden, num_labels=task.num_labels,
@@ -286,7 +305,10 @@ def build(config, workdir: str, key) -> Run:
     else:
         train = model_task.train if tagger else with_index(task.train)
 
-    if s.family == "transformer":
+    if s.family == "transformer" and s.model_dir:
+        student_cfg, params = pretrained_student(s.model_dir, teacher_cfg, task, key, s.dropout_rate,
+                                                 config.max_length)
+    elif s.family == "transformer":
         student_cfg, params = transformer_student(teacher_cfg, teacher_params, s.num_layers, s.init, key,
                                                   s.dropout_rate)
     elif s.family == "bilstm":
@@ -306,7 +328,8 @@ def build(config, workdir: str, key) -> Run:
                model=models.model_class(s.family)(student_cfg), inputs=evaluation.model_inputs(task, s.family),
                tree={"model": params}, steps_per_epoch=steps_per_epoch, total_steps=total_steps, key=key,
                tokenizer_dir=tokenizer_dir,
-               metadata={"student_family": s.family, "distilled_from": teacher_dir, "transfer_examples": len(train)})
+               metadata={"student_family": s.family, "distilled_from": teacher_dir, "transfer_examples": len(train),
+                         **({"student_init": s.model_dir} if s.family == "transformer" and s.model_dir else {})})
 
 
 def _join_features(splits: list[Split], scalars: dict[str, np.ndarray]) -> Features:

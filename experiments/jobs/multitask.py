@@ -47,7 +47,7 @@ from experiments.runtime import config_validation, loop, observe, selection, tra
 from experiments.runtime.config_validation import ConfigError
 from experiments.runtime.parallel import AXIS, DataParallel
 from models import hf
-from models.transformer import Transformer, TransformerConfig
+from models.transformer import TASK_HEADS, Transformer, TransformerConfig, with_task_head
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "example_weight")  # per batch
 TASK_ID = "task_id"  # batch key: int32 [B], the task index of each row (one task per global batch)
@@ -130,12 +130,15 @@ def build_model(model_dir: str, total_labels: int, key: jax.Array) -> tuple[Tran
     """A sequence-head Transformer from ``model_dir`` with a fresh classifier of ``total_labels`` columns.
 
     ``model_dir``: a Hugging Face BERT checkpoint, or a Transformer directory (``models.save``) with a
-    sequence head (its pooler is kept, its classifier replaced).
+    sequence head (its pooler is kept, its classifier replaced) or without a task head (a general-distillation
+    student: a fresh pooler and classifier).
     """
     if not is_saved_model(model_dir):
         return hf.load_bert(model_dir, head="sequence", num_labels=total_labels, init_key=key)
     meta = models.read_meta(model_dir)
     _, cfg, params = models.load(model_dir)
+    if meta["family"] == "transformer" and cfg.head not in TASK_HEADS:
+        return with_task_head(cfg, params, "sequence", total_labels, key)
     if meta["family"] != "transformer" or cfg.head != "sequence":
         raise ConfigError(f"config.model_dir {model_dir} holds a {meta['family']} model with a "
                           f"{getattr(cfg, 'head', '?')} head; a sequence-head Transformer is needed")

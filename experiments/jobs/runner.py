@@ -40,9 +40,15 @@ from experiments.techniques.base import Exported, Run
 from models import storage
 
 
+def active_techniques(config: ml_collections.ConfigDict) -> list:
+    """The techniques ``config`` switches on, in set-up order; a job whose config has no section for a technique
+    (general distillation has no ``distill`` or ``qat`` section) does not offer it."""
+    return [t for t in TECHNIQUES if t.name in config and t.active(config)]
+
+
 def check_techniques(config: ml_collections.ConfigDict, family: str) -> None:
     """Raises one ConfigError listing every technique combination that cannot work (before any work)."""
-    problems = [p for t in TECHNIQUES if t.active(config) for p in t.check(config, family)]
+    problems = [p for t in active_techniques(config) for p in t.check(config, family)]
     if problems:
         raise config_validation.ConfigError("this combination cannot run:\n  " + "\n  ".join(problems))
 
@@ -57,10 +63,11 @@ def _check_sizes(config, par: DataParallel) -> None:
 
 def _check_best_metric(config, run: Run) -> None:
     best = config.checkpoint.best_metric
-    allowed = run.model_task.metric_names + ["loss"]
+    allowed = list(run.feed.metric_names if run.feed else run.model_task.metric_names) + ["loss"]
+    name = run.feed.name if run.feed else run.task.name
     if best and best not in allowed:
-        raise config_validation.ConfigError(f"config.checkpoint.best_metric={best!r} is not a metric of task "
-                                            f"{run.task.name!r}; allowed: {allowed}")
+        raise config_validation.ConfigError(f"config.checkpoint.best_metric={best!r} is not a metric of "
+                                            f"{name!r}; allowed: {allowed}")
 
 
 def optimizer(run: Run):
@@ -150,7 +157,8 @@ def train_batches(run: Run):
     return batches
 
 
-PATH_FIELDS = ("data_dir", "model_dir", "teacher_dir", "transfer_file")  # fingerprinted by content, not by path
+# fingerprinted by content, not by path (a corpus and its cache: by the shard set's fingerprint)
+PATH_FIELDS = ("data_dir", "model_dir", "teacher_dir", "transfer_file", "corpus", "cache_dir")
 
 
 def run_fingerprint(run: Run) -> dict:
@@ -170,10 +178,13 @@ def run_fingerprint(run: Run) -> dict:
 
 def _save_model(run: Run, exported: Exported, step: int) -> None:
     """``workdir/model``: params, config, tokenizer and the techniques' files, published in one rename."""
-    task = run.task
-    extra = {"task": task.name, "kind": task.kind, "label_names": list(task.label_names),
-             "max_length": run.config.max_length, "step": step, "eval": exported.eval, **run.metadata,
-             **run.results}
+    if run.feed is not None:
+        data = {"max_length": run.config.max_length, **run.feed.model_extra}
+    else:
+        task = run.task
+        data = {"task": task.name, "kind": task.kind, "label_names": list(task.label_names),
+                "max_length": run.config.max_length}
+    extra = {**data, "step": step, "eval": exported.eval, **run.metadata, **run.results}
     models.save(os.path.join(run.workdir, "model"), exported.model_cfg.family, exported.model_cfg, exported.params,
                 tokenizer_dir=run.tokenizer_dir, extra=extra, overwrite=True,
                 extra_files={name: (lambda path, write=write: write(str(path)))
@@ -192,10 +203,10 @@ def prepare(job, config: ml_collections.ConfigDict, workdir: str) -> Run:
     init_key, _ = jax.random.split(jax.random.key(config.seed))
     run = job.build(config, workdir, init_key)
     _check_best_metric(config, run)
-    run.metadata["selection"] = selection.record(run.model_task)
-    for technique in TECHNIQUES:
-        if technique.active(config):
-            technique.setup(run)
+    if run.feed is None:
+        run.metadata["selection"] = selection.record(run.model_task)
+    for technique in active_techniques(config):
+        technique.setup(run)
     return run
 
 
@@ -207,33 +218,41 @@ def train_and_evaluate(job, config: ml_collections.ConfigDict, workdir: str) -> 
     workdir = run.workdir
     par = DataParallel(config.parallelism)
     _, train_key = jax.random.split(jax.random.key(config.seed))
-    active = [t.name for t in TECHNIQUES if t.active(config)]
+    active = [t.name for t in active_techniques(config)]
     tx, schedule = optimizer(run)
     state = jax.jit(lambda tree, extras, key, scale: trainer.TrainState.create(tree, tx, key, extras=extras,
                                                                                dynamic_scale=scale))(
         run.tree, run.extras, train_key, run.dynamic_scale)
     state = loop.host_state(state)
     fp = run_fingerprint(run)
-    eval_step = par.compile(trainer.make_eval_step(make_predict(run)))
-    eval_feed = run.inputs + ("labels", "example_weight")
-    held_out = run.model_task.selection
+    if run.feed is None:
+        eval_step = par.compile(trainer.make_eval_step(make_predict(run)))
+        eval_feed = run.inputs + ("labels", "example_weight")
+        held_out = run.model_task.selection
 
-    def evaluate(dstate) -> dict:  # dev, and the selection split where the best step is chosen
-        def on(split):
-            return loop.evaluate(par, eval_step, dstate, run.model_task, config.eval_batch_size, eval_feed, split)
-        return selection.merge(on(None), None if held_out is None else on(held_out))
+        def evaluate(dstate) -> dict:  # dev, and the selection split where the best step is chosen
+            def on(split):
+                return loop.evaluate(par, eval_step, dstate, run.model_task, config.eval_batch_size, eval_feed, split)
+            return selection.merge(on(None), None if held_out is None else on(held_out))
+
+        data_name, metric_names, batches = run.task.name, run.model_task.metric_names, train_batches(run)
+        choice_prefix = selection.choice_key(run.model_task, "")
+        describe = f"{run.task.name} ({len(run.train)} training rows, {len(run.model_task.dev)} dev examples)"
+    else:  # not a labelled task: the feed's batches and held-out evaluation
+        evaluate = run.feed.make_evaluate(run, par)
+        data_name, metric_names, batches = run.feed.name, list(run.feed.metric_names), run.feed.batches
+        choice_prefix, describe = "", run.feed.describe
 
     settings = loop.LoopSettings.from_config(config, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
-                                             headline_metric=run.model_task.metric_names[0],
+                                             headline_metric=metric_names[0],
                                              minimum_loss_scale=config.loss_scale.minimum_scale,
-                                             choice_prefix=selection.choice_key(run.model_task, ""))
+                                             choice_prefix=choice_prefix)
     result = loop.fit(
         workdir, par=par, state=state, settings=settings,
         train_step=trainer.make_train_step(make_loss(run), tx, run.steps_per_epoch, schedule),
-        train_batches=train_batches(run),
+        train_batches=batches,
         evaluate=evaluate,
-        extra_overview=f"{job.name}: {run.family} on {run.task.name} ({len(run.train)} training rows, "
-                       f"{len(run.model_task.dev)} dev examples); techniques: {', '.join(active) or 'none'}",
+        extra_overview=f"{job.name}: {run.family} on {describe}; techniques: {', '.join(active) or 'none'}",
         fingerprint=fp, allow_changed=config.allow_changed_config)
     if result.preempted_at_step is not None:
         return {"preempted_at_step": result.preempted_at_step}
@@ -242,7 +261,7 @@ def train_and_evaluate(job, config: ml_collections.ConfigDict, workdir: str) -> 
     exported = Exported(run, result.params, run.model_cfg, result.params["model"], dict(chosen))
     for finalize in run.finalizers:
         finalize(exported)
-    extra = {"job": job.name, "task": run.task.name, "metric_names": run.model_task.metric_names,
+    extra = {"job": job.name, "task": data_name, "metric_names": metric_names,
              "exported_step": result.exported_step, "family": exported.model_cfg.family, "techniques": active,
              "num_devices": par.num_devices, "num_processes": jax.process_count(), "parallelism": par.mode,
              **run.metadata, **run.results, "fingerprint": fp}

@@ -4,8 +4,10 @@ a Transformer from a Hugging Face BERT checkpoint, from a saved model directory,
 ``model_dir`` is either a Hugging Face BERT checkpoint (a new task head is initialised) or a model directory
 written by a job (``models.save``; its head is kept, so the task must have the same labels): the second continues
 training a fine-tuned model, which is how quantization-aware training, L0 pruning and module replacement of a
-fine-tuned model run. Without ``model_dir`` a word-level tokenizer is built from the training words and a
-``config.model``-sized Transformer is trained from scratch.
+fine-tuned model run. A model directory without a task head (head ``"none"`` or ``"mlm"``: a student of general
+distillation, ``experiments/jobs/general_distill.py``) is a pretrained body like a checkpoint: it gets a new head.
+Without ``model_dir`` a word-level tokenizer is built from the training words and a ``config.model``-sized
+Transformer is trained from scratch.
 
 Depth (``config.layers.init``): ``"every_other"`` fine-tunes only the pretrained layers 0, 2, 4, ... (a half-depth
 model, the baseline LayerDrop is compared with).
@@ -22,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 import models
 from compression.pruning import compaction, layerdrop
@@ -30,7 +33,7 @@ from experiments.runtime import evaluation, loop, observe, selection
 from experiments.runtime.config_validation import ConfigError
 from experiments.techniques.base import Run
 from models import hf, storage
-from models.transformer import Transformer, TransformerConfig
+from models.transformer import TASK_HEADS, Transformer, TransformerConfig, with_task_head
 
 WORD_LEVEL_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 
@@ -94,7 +97,7 @@ def _build_model(config, task: TaskData, vocab_size: int | None, key) -> tuple[T
     """Pretrained body from ``config.model_dir`` with a fresh head, or a from-scratch ``config.model``."""
     head = "token" if task.kind == "token" else "sequence"
     if is_saved_model(config.model_dir):
-        return _saved_model(config, task, head)
+        return saved_transformer(config.model_dir, config.max_length, task, head, key)
     if config.model_dir:
         model_cfg, params = hf.load_bert(config.model_dir, head=head, num_labels=task.num_labels,
                                                 init_key=key)
@@ -113,21 +116,27 @@ def _build_model(config, task: TaskData, vocab_size: int | None, key) -> tuple[T
     return model_cfg, params
 
 
-def _saved_model(config, task: TaskData, head: str) -> tuple[TransformerConfig, Any]:
-    """The config and params (head included) of a saved Transformer, checked against the task."""
-    meta = models.read_meta(config.model_dir)
+def saved_transformer(model_dir: str, max_length: int, task: TaskData, head: str, key) -> tuple[TransformerConfig,
+                                                                                                   Any]:
+    """The config and params (head included) of the Transformer saved in ``model_dir``, checked against the task;
+    a saved body without a task head (general distillation's student) gets a fresh ``head`` initialised from
+    ``key``."""
+    meta = models.read_meta(model_dir)
     if meta["family"] != "transformer":
-        raise ValueError(f"config.model_dir {config.model_dir} holds a {meta['family']!r} model; this job "
-                         "trains Transformers")
-    _, model_cfg, params = models.load(config.model_dir)
+        raise ValueError(f"{model_dir} holds a {meta['family']!r} model; this job trains Transformers")
+    _, model_cfg, params = models.load(model_dir)
     saved_labels = meta.get("extra", {}).get("label_names")
-    if model_cfg.head != head or model_cfg.num_labels != task.num_labels or (
+    if model_cfg.head not in TASK_HEADS:
+        logging.info("%s has no task head (head %r): a fresh %s head over %d labels is initialised",
+                     model_dir, model_cfg.head, head, task.num_labels)
+        model_cfg, params = with_task_head(model_cfg, params, head, task.num_labels, key)
+    elif model_cfg.head != head or model_cfg.num_labels != task.num_labels or (
             saved_labels is not None and list(saved_labels) != list(task.label_names)):
-        raise ValueError(f"config.model_dir {config.model_dir} has a {model_cfg.head} head over labels "
+        raise ValueError(f"{model_dir} has a {model_cfg.head} head over labels "
                          f"{saved_labels or model_cfg.num_labels}; task {task.name!r} needs a {head} head over "
                          f"{list(task.label_names)}")
-    if model_cfg.max_position_embeddings < config.max_length:
-        raise ValueError(f"max_length={config.max_length} exceeds the model's position table "
+    if model_cfg.max_position_embeddings < max_length:
+        raise ValueError(f"max_length={max_length} exceeds the model's position table "
                          f"({model_cfg.max_position_embeddings})")
     return model_cfg, params
 

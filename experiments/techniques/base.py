@@ -38,11 +38,15 @@ class Run:
     Built by the runner:
       config: the job's config (validated).
       workdir: the run directory (absolute).
-      task: the task as a Transformer reads it (sub-tokens of the teacher's / model's tokenizer).
+      task: the task as a Transformer reads it (sub-tokens of the teacher's / model's tokenizer); None for a
+        run that trains on something else than a labelled task (see ``feed``).
       model_task: the task as the trained model reads it (``task`` for Transformers; word views for LSTMs).
       train: the training rows, with ``example_index`` (int32 [B], row in the split) in every batch.
       teacher_rows: the same rows as the teacher reads them, in ``example_index`` order (splits one after
         another): what cached teacher logits are computed over.
+      feed: None for a labelled task; else the :class:`Feed` that replaces ``task``/``train``'s batches, the
+        evaluation and the saved model's task metadata (general distillation on raw text), and ``task``,
+        ``model_task`` and ``train`` are None: techniques that read them are not offered by such a job.
       family: ``"transformer"``, ``"bilstm"`` or ``"cnn_lstm"`` (the trained model's).
       model_cfg: the trained model's config; ``model``: its Flax module.
       inputs: the batch keys the model reads.
@@ -111,6 +115,7 @@ class Run:
     results: dict = dataclasses.field(default_factory=dict)
     model_files: dict[str, Callable[[str], None]] = dataclasses.field(default_factory=dict)
     fingerprints: dict = dataclasses.field(default_factory=dict)
+    feed: "Feed | None" = None
 
     def apply_fn(self, wrappers: list[Callable[[ApplyFn], ApplyFn]] | None = None, model=None) -> ApplyFn:
         """``model``'s apply (default: the run's) wrapped by ``wrappers`` (default: every registered one),
@@ -126,6 +131,32 @@ class Run:
         for fn in self.collections:
             out.update(fn(tree, extras))
         return out
+
+
+@dataclasses.dataclass
+class Feed:
+    """The data of a run that does not train on a labelled task (general distillation on raw text): what the
+    runner takes from it instead of ``Run.task`` and ``Run.train``.
+
+    Attributes:
+      name: what logs and ``results.json`` call the data (e.g. the corpus).
+      describe: the data in the start-up overview (rows, held-out part).
+      batches: ``(epoch, start_batch) -> iterator`` of this host's rows of each global training batch, from
+        batch ``start_batch`` of epoch ``epoch`` on: the model's inputs, ``example_weight`` (float32 [B]) and what
+        ``Run.task_loss`` reads; batch ``b`` of epoch ``e`` is global step ``e * steps_per_epoch + b``.
+      make_evaluate: ``(run, par) -> evaluate``, called once the techniques have set up (so it sees the wrapped
+        model): ``evaluate(device_state) -> {metric: value}``, global over every host, on the feed's held-out
+        data.
+      metric_names: the evaluation's metrics, the headline first (``checkpoint.best_metric`` must be one).
+      model_extra: what the saved model's metadata records in place of a task (e.g. ``max_length``).
+    """
+
+    name: str
+    describe: str
+    batches: Callable[[int, int], Any]
+    make_evaluate: Callable[..., Callable[[Any], dict]]
+    metric_names: list[str]
+    model_extra: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -18,7 +18,10 @@ model directory written by fine-tuning). The teacher reaches the step one of two
 
 Intermediate terms pair student and teacher layers by ``distill.layer_map`` (default the preset's kind:
 TinyBERT's uniform map with embeddings, PKD's skip map; for a 3-layer student of a 6-layer teacher every other
-teacher layer) and need equal widths (students built from the teacher's layers have them).
+teacher layer). A student narrower than its teacher (TinyBERT-4, or any student of general distillation) compares
+its hidden states through a learned projection to the teacher's width, TinyBERT's ``W_h``, one shared by every
+matched layer: it trains beside the model under ``tree["projection"]`` (the model's optimizer settings) and is not
+saved with the model. Attention scores need equal head counts.
 
 Rows without a gold label (``has_label`` 0: augmented and unlabeled transfer rows) never enter the gold-label
 term. Token tasks (the CNN-LSTM tagger): the teacher's logits at each word's first sub-token, cached word-level
@@ -39,7 +42,7 @@ from absl import logging
 
 import models
 from compression import precision
-from compression.distillation import layer_maps, losses, presets
+from compression.distillation import layer_maps, losses, presets, projections
 from experiments.data import Split
 from experiments.runtime import evaluation, fingerprint, observe, trainer
 from experiments.runtime.config_validation import ConfigError
@@ -47,6 +50,7 @@ from experiments.techniques.base import Run, Technique
 from models import storage
 
 TEACHER = "teacher"  # TrainState.extras key of a live teacher's frozen params
+PROJECTION = "projection"  # trainable-tree key of the learned student -> teacher width map (TinyBERT's W_h)
 MODES = ("auto", "cached", "live")
 INTERMEDIATE_TERMS = ("cos", "hidden", "attention", "pkd")
 
@@ -197,17 +201,19 @@ def cached_teacher_logits(path: str, key: str, compute, shape: tuple[int, ...]) 
 # -- the loss --------------------------------------------------------------------------------------------
 
 def sequence_loss(preset: presets.Preset, layer_map: dict[int, int] | None = None):
-    """``task_loss(out, teacher_out, batch) -> (loss, weight, metrics)`` for one label per example.
+    """``task_loss(out, teacher_out, batch, projection=None) -> (loss, weight, metrics)`` for one label per
+    example.
 
-    ``teacher_out``: the teacher's logits float32 [B, C] (cached) or its outputs (live). Rows with
+    ``teacher_out``: the teacher's logits float32 [B, C] (cached) or its outputs (live). ``projection``: the
+    student -> teacher width map of the hidden-state terms (params dict), when the widths differ. Rows with
     ``has_label`` 0 never enter the gold-label term; the weight is the batch's example-weight sum.
     """
 
-    def loss_fn(out, teacher_out, batch):
+    def loss_fn(out, teacher_out, batch, projection=None):
         weight = batch["example_weight"]
         masks = {k: batch[k] for k in ("example_weight", "attention_mask") if k in batch}
         loss, terms = presets.distill_loss(preset, out, teacher_out, masks, layer_map=layer_map,
-                                           weights={"ce": 0.0})
+                                           projections=projection, weights={"ce": 0.0})
         if preset.ce_weight:
             gold = jnp.where(batch["has_label"] > 0, batch["labels"], losses.IGNORE_INDEX)
             terms["ce"] = losses.cross_entropy(out.logits, gold, weight)
@@ -291,6 +297,20 @@ def _check_layer_map(preset: presets.Preset, layer_map: dict[int, int], n_studen
                           "set config.distill.layer_map")
 
 
+def add_projection(run: Run, student_width: int, teacher_width: int) -> None:
+    """Adds TinyBERT's learned map ``W_h`` [student_width -> teacher_width] to the trainable tree under
+    :data:`PROJECTION`, with the model's optimizer settings (schedule, weight decay, clipping over its own
+    parameters); it is not part of the saved model."""
+    run.tree[PROJECTION] = projections.init_projection(jax.random.fold_in(run.key, 0x5052), student_width,
+                                                       teacher_width)
+    opt = run.config.optimizer.to_dict()
+    opt["freeze_regex"] = ""  # the model's frozen paths are model paths
+    run.optimizers[PROJECTION], _ = trainer.optimizer_from_config(ml_collections.ConfigDict(opt), run.tree[PROJECTION],
+                                                                  run.total_steps)
+    logging.info("distillation: student width %d, teacher width %d: hidden states compared through a learned "
+                 "projection (TinyBERT's W_h)", student_width, teacher_width)
+
+
 def load_teacher(run: Run):
     """(teacher module, config, params) of ``config.teacher_dir``, checked against the run's task."""
     teacher_dir = teacher_dir_of(run.config)
@@ -310,10 +330,13 @@ def _setup(run: Run) -> None:
     mode = teacher_mode(config)
     layer_map = None
     if needs_intermediate(preset):
-        if run.model_cfg.hidden_size != teacher_cfg.hidden_size:
-            raise ConfigError(f"config.distill.preset={preset.name!r}: student width {run.model_cfg.hidden_size} "
-                              f"differs from the teacher's {teacher_cfg.hidden_size}; intermediate terms here need "
-                              "equal widths (no learned projection is wired in)")
+        if preset.attention_weight and run.model_cfg.heads(0) != teacher_cfg.heads(0):
+            raise ConfigError(f"config.distill.preset={preset.name!r}: the student has {run.model_cfg.heads(0)} "
+                              f"attention heads and the teacher {teacher_cfg.heads(0)}; TinyBERT's attention loss "
+                              "matches head to head")
+        widths = (run.model_cfg.hidden_size, teacher_cfg.hidden_size)
+        if widths[0] != widths[1] and any(preset.weights[t] for t in ("hidden", "cos", "pkd")):
+            add_projection(run, *widths)
         layer_map = parse_layer_map(config.distill.layer_map, preset, run.model_cfg.num_layers,
                                     teacher_cfg.num_layers)
         _check_layer_map(preset, layer_map, run.model_cfg.num_layers)
@@ -351,7 +374,7 @@ def _setup(run: Run) -> None:
             t_out = trainer.model_outputs(teacher_apply, jax.lax.stop_gradient(extras[TEACHER]), {}, batch,
                                           train=False, **teacher_kwargs)
             t_out = jax.tree.map(lambda x: x.astype(jnp.float32), t_out)
-            return loss(out, t_out if layer_map is not None else t_out.logits, batch)
+            return loss(out, t_out if layer_map is not None else t_out.logits, batch, tree.get(PROJECTION))
 
         run.task_loss = live
     run.results["distill"] = {"preset": preset.name, "teacher_dir": teacher_dir, "teacher": mode,

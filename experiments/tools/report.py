@@ -117,6 +117,9 @@ def collect(run_dirs: list[str]) -> list[Entry]:
             results_path, model_dir = os.path.join(c, "results.json"), os.path.join(c, "model")
             results = json.loads(storage.read_text(results_path)) if storage.exists(results_path) else {}
             model, cfg, params = models.load(model_dir)
+            if getattr(cfg, "head", None) in ("none", "mlm"):  # a pretrained body has no task figure to report
+                logging.info("report: %s has no task head (a general-distillation student): no row", model_dir)
+                continue
             extra = models.read_meta(model_dir).get("extra", {})
             name, value = _metric(results, extra.get("eval"))
             entries.append(Entry(os.path.basename(os.path.normpath(c)), c, model_dir, cfg.family,

@@ -3,7 +3,8 @@
 import pytest
 from absl import flags
 
-from experiments.runtime import cli, task_corpus
+from experiments.runtime import cli
+from experiments.tools import task_corpus
 
 
 def _write(path, text):

@@ -18,7 +18,7 @@ import time
 
 from absl import flags
 
-from experiments.tools import cli
+from experiments.runtime import cli
 
 BENCHMARKS = [
     "bench_inference",  # our Transformer vs PyTorch BertModel, inference tokens/s

@@ -14,7 +14,7 @@ from absl import flags
 
 from experiments.configs import claims as catalogue
 from experiments.jobs import claims
-from experiments.tools import cli
+from experiments.runtime import cli
 from models import storage
 
 

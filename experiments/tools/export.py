@@ -46,7 +46,7 @@ from compression.export.api import resized_inputs
 from compression.export.flops import matmul_flops
 from compression.quantization.plans import PrecisionPlan
 from experiments.techniques.qat import load_plan, load_quant_state, plan_path
-from experiments.tools import cli
+from experiments.runtime import cli
 
 TRT_RANGES = {"batch": (1, 32, 64), "sequence": (1, 128, 512)}
 PRECISIONS = ("fp32", "fp16", "int8", "fp8", "plan")
@@ -235,7 +235,7 @@ FLAGS = flags.FLAGS
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
-    from experiments.tools import cli
+    from experiments.runtime import cli
 
     flags.DEFINE_string("model", None, "model directory (models.save)", flag_values=fv)
     flags.DEFINE_string("out", None, "output directory (written atomically)", flag_values=fv)

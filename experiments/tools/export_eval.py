@@ -30,7 +30,7 @@ from absl import app, flags
 
 import models
 from compression.export import ExportError
-from experiments.benchmarks.common import print_table, write_json
+from experiments.runtime.measure import print_table, write_json
 from experiments.runtime import evaluation
 from experiments.runtime.metrics import classification_metrics
 from experiments.techniques import qat
@@ -122,7 +122,7 @@ FLAGS = flags.FLAGS
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     """Command-line flags and their checks (defined only when run as a script, so that importing defines none)."""
-    from experiments.tools import cli
+    from experiments.runtime import cli
 
     flags.DEFINE_string("model", None, "fine-tuned Transformer model directory (models.save)", flag_values=fv)
     flags.DEFINE_string("task", None, "task name (experiments.data.load_task), e.g. sst2", flag_values=fv)

@@ -50,7 +50,7 @@ from compression.pruning.head_importance import PruningStep
 from compression.pruning.site_masks import MASKS, site_masks, unflatten
 from experiments.data import TaskData, load_task
 from experiments.runtime import evaluation, observe, selection, trainer
-from experiments.tools import cli
+from experiments.runtime import cli
 from models import storage
 
 INPUTS = evaluation.TRANSFORMER_INPUTS

@@ -8,7 +8,8 @@ import sys
 import pytest
 from absl import app, flags
 
-from experiments.tools import cli, precision_train, report
+from experiments.runtime import cli
+from experiments.tools import precision_train, report
 from tests.multidevice import REPO
 
 ENTRY_POINTS = [f"experiments.tools.{m}" for m in ("prune", "quant_eval", "precision_eval", "precision_train",

@@ -16,7 +16,8 @@ import models
 from compression.export import ExportError
 from experiments.techniques import qat
 from experiments.tools import export as export_cli
-from experiments.tools import cli, export_eval
+from experiments.runtime import cli
+from experiments.tools import export_eval
 from models.bilstm import BiLSTMClassifier, BiLSTMConfig
 from models.transformer import Transformer, TransformerConfig
 

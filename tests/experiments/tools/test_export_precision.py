@@ -19,7 +19,7 @@ from compression.quantization.plans import PrecisionPlan, find_sites
 from experiments.data import load_task
 from experiments.jobs.train import _word_level_tokenizer
 from experiments.techniques import qat
-from experiments.tools import cli
+from experiments.runtime import cli
 from experiments.tools import export as export_cli
 from models.bilstm import BiLSTMClassifier, BiLSTMConfig
 from models.cnn_lstm import CNNLSTMConfig, CNNLSTMTagger

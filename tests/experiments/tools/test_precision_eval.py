@@ -10,7 +10,8 @@ from absl import flags
 
 import models
 from compression.sites import ISLAND_KINDS
-from experiments.tools import cli, precision_eval
+from experiments.runtime import cli
+from experiments.tools import precision_eval
 from experiments.jobs import train
 from experiments.data import load_task
 from models.transformer import Transformer, TransformerConfig

@@ -20,7 +20,8 @@ from experiments.data import load_task
 from experiments.jobs.train import _word_level_tokenizer
 from experiments.runtime import evaluation, selection
 from experiments.techniques import qat
-from experiments.tools import cli, precision_plan, quant_eval
+from experiments.runtime import cli
+from experiments.tools import precision_plan, quant_eval
 from models.transformer import Transformer, TransformerConfig
 from tests.multidevice import REPO
 

@@ -15,7 +15,8 @@ from compression.pruning import head_importance
 from compression.pruning.head_importance import PruningStep
 from compression.pruning.site_masks import MASKS, unflatten
 from experiments.runtime import evaluation
-from experiments.tools import cli, prune
+from experiments.runtime import cli
+from experiments.tools import prune
 from experiments.data import load_task
 
 

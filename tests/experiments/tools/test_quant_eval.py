@@ -16,7 +16,8 @@ import models
 from compression import quantization as q
 from experiments.runtime import evaluation, metrics
 from experiments.techniques import qat
-from experiments.tools import cli, quant_eval
+from experiments.runtime import cli
+from experiments.tools import quant_eval
 from experiments.data import load_task
 from experiments.jobs.train import _word_level_tokenizer
 from models.bilstm import BiLSTMClassifier, BiLSTMConfig

@@ -110,7 +110,7 @@ def test_runs_and_report_in_a_bucket_match_the_same_on_disk(gcs_bucket, tmp_path
 
     from google.cloud import storage as gcs
 
-    from experiments.tools import cli
+    from experiments.runtime import cli
     from experiments.tools import export as export_cli
     from models import storage
     from tests.object_store import blob_names

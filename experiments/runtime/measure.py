@@ -1,6 +1,6 @@
-"""Shared machinery of the benchmarks: interleaved repeated timing, tables, JSON results.
+"""Measuring, shared by the benchmarks and the tools: interleaved repeated timing, FLOPs, tables, JSON results.
 
-Benchmarks compare things side by side in one process: each candidate runs once per round, rounds repeat, and
+Benchmarks and the report compare things side by side in one process: each candidate runs once per round, rounds repeat, and
 the reported figure is the median over rounds (and ratios of medians), so that a noisy shared machine affects
 all candidates alike.
 """

@@ -56,24 +56,28 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import finetune
+from experiments.data.tasks import is_token_task
 
 STUDENTS = ("transformer3", "transformer3_nokd", "transformer3_pkd", "transformer3_tinybert", "bilstm", "bilstm_nokd",
             "cnn_lstm", "cnn_lstm_nokd")
-TOKEN_TASKS = ("wikiann", "wnut17", "synthetic_ner")  # tagging tasks: CNN-LSTM students only
 DISTILL_EPOCHS = {"wikiann": 5.0, "wnut17": 10.0}  # CNN-LSTM training epochs on the NER tasks
 
 
 def get_config(arg: str = "synthetic,transformer3") -> ml_collections.ConfigDict:
     """``arg`` = ``TASK,STUDENT``; see the module docstring."""
-    task, _, student = arg.partition(",")
-    student = student or ("cnn_lstm" if task in TOKEN_TASKS else "transformer3")
+    task, options = finetune.task_and_options(arg, STUDENTS)
+    token_task = is_token_task(task)
+    student = options[0] if options else ("cnn_lstm" if token_task else "transformer3")
+    if len(options) > 1:
+        raise ValueError(f"distill.py:{arg} names {len(options)} students {options}; give one: TASK,STUDENT")
     if student not in STUDENTS:
         raise ValueError(f"unknown student {student!r} for distill.py; allowed: {list(STUDENTS)}")
     base = student.rsplit("_", 1)[0] if student.endswith(("_nokd", "_pkd", "_tinybert")) else student
     family = base.rstrip("0123456789")
-    if (task in TOKEN_TASKS) != (family == "cnn_lstm"):
-        raise ValueError(f"student {student!r} does not fit task {task!r}: token tasks {list(TOKEN_TASKS)} take "
-                         "cnn_lstm / cnn_lstm_nokd, sequence tasks the transformer3 and bilstm students")
+    if token_task != (family == "cnn_lstm"):
+        raise ValueError(f"student {student!r} does not fit task {task!r}: token tasks (wikiann, wnut17, "
+                         "synthetic_ner, conll:...) take cnn_lstm / cnn_lstm_nokd, sequence tasks the transformer3 "
+                         "and bilstm students")
     base_task = "synthetic" if task == "synthetic_ner" else task
     c = finetune.training_config(base_task)
     finetune.task_defaults(c, base_task)
@@ -117,7 +121,7 @@ def get_config(arg: str = "synthetic,transformer3") -> ml_collections.ConfigDict
     c.augment.p_pos = 0.1  # same-tag word replacement probability
     c.augment.p_ng = 0.25  # n-gram sampling probability
 
-    c.checkpoint.best_metric = "span_f1" if task in TOKEN_TASKS else "accuracy"
+    c.checkpoint.best_metric = "span_f1" if token_task else "accuracy"
     if family == "cnn_lstm":
         c.student.num_layers = 1
         c.student.embed_dim = 100

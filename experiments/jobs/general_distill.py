@@ -49,7 +49,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax import lax
-from jax.experimental import multihost_utils
 
 import models
 from compression import precision
@@ -58,7 +57,7 @@ from compression.pruning.compaction import keep_layers
 from experiments.data import corpus as corpus_lib
 from experiments.data import mlm
 from experiments.jobs.train import is_saved_model
-from experiments.runtime import evaluation, fingerprint, trainer
+from experiments.runtime import evaluation, fingerprint, single_process, trainer
 from experiments.runtime.config_validation import ConfigError
 from experiments.runtime.parallel import AXIS
 from experiments.techniques import distill as distill_technique
@@ -278,19 +277,18 @@ def _digest_files(files) -> str:
 
 
 def shard_set(config, workdir: str, tokenizer: Tokenizer) -> corpus_lib.ShardSet:
-    """The corpus's shard set (:func:`experiments.data.corpus.prepare`): built by process 0 while the others wait,
-    then opened by all (a process whose cache folder is not shared builds its own copy, the same bytes)."""
+    """The corpus's shard set (:func:`experiments.data.corpus.prepare`): built by process 0 while the others poll
+    its completion (a long build outlasts no barrier, :mod:`experiments.runtime.single_process`), then opened by
+    all (a process whose cache folder is not shared builds its own copy, the same bytes)."""
     spec = config.corpus.strip()
     cache_root = config.cache_dir or os.path.join(workdir, "corpus")
     source = spec if spec.startswith(corpus_lib.HF_PREFIX) else fingerprint.content_digest(spec)
     inputs = {"corpus": source, "tokenizer": _digest_files(models.io.tokenizer_files(config.teacher_dir))}
     kwargs = dict(inputs=inputs, max_length=config.max_length, pack=config.pack,
                   heldout_fraction=config.heldout_fraction, shard_sequences=config.shard_sequences)
-    if jax.process_count() > 1:
-        if jax.process_index() == 0:
-            corpus_lib.prepare(spec, cache_root, tokenizer, **kwargs)
-        multihost_utils.sync_global_devices("general_distill_corpus")
-    return corpus_lib.prepare(spec, cache_root, tokenizer, **kwargs)
+    build = lambda: corpus_lib.prepare(spec, cache_root, tokenizer, **kwargs)  # noqa: E731
+    shards = single_process.run_on_process_0("general_distill_corpus", build, workdir)
+    return shards if shards is not None else build()
 
 
 # -- the job ---------------------------------------------------------------------------------------------------

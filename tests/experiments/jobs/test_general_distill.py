@@ -93,8 +93,8 @@ def _outputs_and_batch():
                               max_position_embeddings=16, head="mlm", hidden_dropout_rate=0.0,
                               attention_dropout_rate=0.0)
     s_cfg = t_cfg.replace(hidden_size=16, num_layers=2)
-    t_params = Transformer(t_cfg).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
-    s_params = Transformer(s_cfg).init(jax.random.key(2), jnp.zeros((1, 8), jnp.int32))["params"]
+    t_params = jax.jit(Transformer(t_cfg).init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    s_params = jax.jit(Transformer(s_cfg).init)(jax.random.key(2), jnp.zeros((1, 8), jnp.int32))["params"]
     rng = np.random.default_rng(0)
     ids = rng.integers(5, 40, (3, 10)).astype(np.int32)
     attention = np.ones((3, 10), np.int32)
@@ -114,10 +114,11 @@ def test_objectives_equal_a_numpy_hand_computation():
     (s_cfg, s_params), (t_cfg, t_params), batch, proj = _outputs_and_batch()
     kw = dict(attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
               output_hidden_states=True, output_attentions=True)
-    s_out = Transformer(s_cfg).apply({"params": s_params}, batch["input_ids"], mlm_positions=batch["mlm_positions"],
-                                     **kw)
-    t_full = Transformer(t_cfg).apply({"params": t_params}, batch["input_ids"], **kw)
-    s_full = Transformer(s_cfg).apply({"params": s_params}, batch["input_ids"], **kw)
+    s_apply = jax.jit(Transformer(s_cfg).apply, static_argnames=("output_hidden_states", "output_attentions"))
+    t_apply = jax.jit(Transformer(t_cfg).apply, static_argnames=("output_hidden_states", "output_attentions"))
+    s_out = s_apply({"params": s_params}, batch["input_ids"], mlm_positions=batch["mlm_positions"], **kw)
+    t_full = t_apply({"params": t_params}, batch["input_ids"], **kw)
+    s_full = s_apply({"params": s_params}, batch["input_ids"], **kw)
     pos = batch["mlm_positions"]
     # the MLM head on gathered positions computes the full head's logits there
     np.testing.assert_allclose(s_out.logits, np.take_along_axis(_np(s_full.logits), pos[..., None], 1), atol=1e-5)
@@ -135,8 +136,8 @@ def test_objectives_equal_a_numpy_hand_computation():
 
     # TinyBERT's general distillation
     tiny = presets.get_preset("tinybert_intermediate")
-    loss, weight, metrics = general_distill.objective_loss(tiny, layer_map, Transformer(t_cfg).apply,
-                                                           {"output_hidden_states": True, "output_attentions": True})(
+    loss, weight, metrics = jax.jit(general_distill.objective_loss(
+        tiny, layer_map, Transformer(t_cfg).apply, {"output_hidden_states": True, "output_attentions": True}))(
         s_out, tree, {k: v for k, v in batch.items() if not k.startswith("mlm")}, extras)
     expect_hidden = sum(hidden(m, n) for m, n in layer_map.items())
     expect_attention = sum(attention(m, n) for m, n in layer_map.items() if m)
@@ -159,8 +160,8 @@ def test_objectives_equal_a_numpy_hand_computation():
     cos = (h_s * h_t).sum(-1) / np.sqrt(((h_s ** 2).sum(-1) + 1e-12) * ((h_t ** 2).sum(-1) + 1e-12))
     expect_cos = (1 - cos)[mask > 0].mean()
     dbert = presets.get_preset("distilbert_mlm")
-    loss, _, metrics = general_distill.objective_loss(dbert, None, Transformer(t_cfg).apply,
-                                                      {"output_hidden_states": True})(s_out, tree, batch, extras)
+    loss, _, metrics = jax.jit(general_distill.objective_loss(dbert, None, Transformer(t_cfg).apply,
+                                                              {"output_hidden_states": True}))(s_out, tree, batch, extras)
     assert float(metrics["loss_mlm"]) == pytest.approx(expect_mlm, rel=1e-5)
     assert float(metrics["loss_kd"]) == pytest.approx(expect_kd, rel=1e-4)  # a small KL: float32 cancellation
     assert float(metrics["loss_cos"]) == pytest.approx(expect_cos, rel=1e-5)
@@ -172,10 +173,9 @@ def test_objectives_equal_a_numpy_hand_computation():
                  mlm_labels=np.full((3, 10), -100, np.int32), mlm_slot_mask=batch["attention_mask"])
     for row in range(3):
         every["mlm_labels"][row, pos[row][predicted[row]]] = labels[row][predicted[row]]
-    s_all = Transformer(s_cfg).apply({"params": s_params}, batch["input_ids"], mlm_positions=every["mlm_positions"],
-                                     **kw)
-    _, _, metrics = general_distill.objective_loss(dbert, None, Transformer(t_cfg).apply,
-                                                   {"output_hidden_states": True}, kd_all=True)(
+    s_all = s_apply({"params": s_params}, batch["input_ids"], mlm_positions=every["mlm_positions"], **kw)
+    _, _, metrics = jax.jit(general_distill.objective_loss(dbert, None, Transformer(t_cfg).apply,
+                                                           {"output_hidden_states": True}, kd_all=True))(
         s_all, tree, every, extras)
     kl_all = (np.exp(_log_softmax(_np(t_full.logits) / 2)) * (_log_softmax(_np(t_full.logits) / 2)
                                                              - _log_softmax(_np(s_full.logits) / 2))).sum(-1)

@@ -213,7 +213,7 @@ class Lease:
             return
         try:
             retries.call(lambda: self._blob.delete(if_generation_match=self.generation, retry=None, timeout=30),
-                         f"DELETE {self.url}", budget_s=RELEASE_BUDGET_S)
+                         f"DELETE {self.url}", budget_s=min(RELEASE_BUDGET_S, retries.policy().budget_s))
         except (exceptions.NotFound, exceptions.PreconditionFailed):
             pass  # gone already (a retried delete), or no longer ours: nothing of ours to release
         except Exception as e:  # noqa: BLE001 - the lease then expires after its timeout

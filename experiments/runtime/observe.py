@@ -3,7 +3,9 @@
 Only process 0 writes files and logs metrics; the other processes of a multi-host run stay quiet. The workdir may
 be local or in a bucket (``gs://``, :mod:`models.storage`); an object cannot be appended to, so there
 ``metrics.jsonl`` is rewritten whole at each record (a few kB: one record per log or eval step).
-TensorBoard event files are written with tensorboardX, so TensorFlow is not needed.
+TensorBoard event files are written with tensorboardX, so TensorFlow is not needed; in a bucket through the path
+layer too (:class:`_StoreRecordWriter`: tensorboardX's own ``gs://`` writer bypasses the store retries and uploads
+again when garbage-collected).
 """
 
 from __future__ import annotations
@@ -79,13 +81,44 @@ def _summary_writer_class():
     """
     if "tensorboardX" in sys.modules or "torch" in sys.modules:
         from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError inside tensorboardX's import
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        del sys.modules["torch"]
+    else:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError inside tensorboardX's import
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import record_writer
+    record_writer.register_writer_factory("gs", _StoreRecordWriter)
     return SummaryWriter
+
+
+class _StoreRecordWriter:
+    """tensorboardX's record writer (and its factory) for ``gs://`` event files on the path layer: an object
+    cannot be appended to, so each flush uploads the file whole, with the store's retries; an unchanged file is
+    not uploaded again."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer, self._flushed = path, bytearray(), 0
+
+    @classmethod
+    def open(cls, path: str) -> "_StoreRecordWriter":
+        return cls(path)
+
+    @staticmethod
+    def directory_check(path: str) -> None:  # a bucket needs no directories
+        del path
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+
+    def flush(self) -> None:
+        if len(self.buffer) != self._flushed:
+            with storage.atomic_file(self.path) as tmp:
+                tmp.write_bytes(bytes(self.buffer))
+            self._flushed = len(self.buffer)
+
+    def close(self) -> None:
+        self.flush()
 
 
 def _read_records(path: str) -> list[tuple[int, str]]:

@@ -147,7 +147,7 @@ class Job:
         writer = jax.process_index() == 0
         created = not storage.exists(workdir)
         try:
-            with workdir_lock.lock(workdir, enabled=writer):
+            with workdir_lock.lock_for_run(workdir):  # process 0 holds it; a refusal stops every process
                 if writer:
                     workdir_lock.remove_stale_temporaries(workdir)
                 if self.build is not None:

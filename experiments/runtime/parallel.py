@@ -110,6 +110,18 @@ def barrier(name: str, timeout_s: float) -> None:
                            f"(--barrier_timeout_s): {e}") from e
 
 
+def process_0_text(text: str, size: int = 2048) -> str:
+    """Process 0's ``text`` (UTF-8, cut to ``size`` bytes) on every process; every process must call it. With one
+    process, ``text`` itself."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    data = text.encode()[:size].ljust(size, b"\0")
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(np.frombuffer(data, np.uint8)))
+    return bytes(shared).rstrip(b"\0").decode(errors="replace")
+
+
 def is_key(x) -> bool:
     """True for a typed PRNG key array (``jax.random.key``)."""
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)

@@ -185,6 +185,30 @@ def _lease(url: str) -> Iterator[None]:
         held.release()
 
 
+@contextlib.contextmanager
+def lock_for_run(path: str | os.PathLike) -> Iterator[None]:
+    """:func:`lock` for every process of a run: process 0 takes it and tells the others whether it got it, so
+    that a refused (or failed) multi-host run stops on every process at once, instead of leaving the others
+    waiting at their first collective for a process 0 that is gone. Call it on every process."""
+    from experiments.runtime import parallel
+
+    with contextlib.ExitStack() as stack:
+        problem, error = "", None
+        if parallel.jax.process_index() == 0:
+            try:
+                stack.enter_context(lock(path))
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
+                problem, error = f"{type(e).__name__}: {e}", e
+        problem = parallel.process_0_text(problem)
+        if error is not None:
+            raise error
+        if problem:
+            kind, _, message = problem.partition(": ")
+            raise (WorkdirBusyError if kind == WorkdirBusyError.__name__ else RuntimeError)(
+                message if kind == WorkdirBusyError.__name__ else f"process 0 could not take {path}: {problem}")
+        yield
+
+
 def _size(path: Path) -> int:
     if path.is_file() or path.is_symlink():
         return path.lstat().st_size

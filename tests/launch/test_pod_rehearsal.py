@@ -24,6 +24,7 @@ from tests.multidevice import REPO, device_env
 from tests.object_store import blob_names
 
 CONFIG = "--config=tests/launch/rehearsal_recipe.py"
+LEASE_TIMEOUT_S = 3  # the killed pod's lease on the workdir is taken over once it has not been renewed this long
 
 
 def _write_data(folder) -> None:
@@ -53,6 +54,7 @@ def _pod(workdir: str, data_dir: str, env: dict, log) -> subprocess.Popen:
     reads while the test polls the bucket would fill and stall the workers)."""
     cmd = [sys.executable, os.path.join("launch", "local_multiprocess.py"), "--num_processes=2",
            "--devices_per_process=4", "--timeout=400", "--", CONFIG, f"--workdir={workdir}",
+           f"--lease_timeout_s={LEASE_TIMEOUT_S}",
            f"--config.data_dir={data_dir}"]
     return subprocess.Popen(cmd, cwd=REPO, env={**device_env(1), **env}, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -93,6 +95,7 @@ def test_pod_with_a_bucket_killed_and_resumed_ends_where_one_local_process_does(
         os.killpg(pod.pid, signal.SIGKILL)  # the launcher and both workers, like a preempted slice
     finally:
         pod.wait()
+    time.sleep(LEASE_TIMEOUT_S + 0.5)  # a SIGKILLed run cannot release its lease: it expires
     killed_with = blob_names(remote_run)
     assert "transformer3/results.json" not in killed_with  # it really died mid-stage
     assert "teacher/model/_COMPLETE" in killed_with
@@ -103,6 +106,7 @@ def test_pod_with_a_bucket_killed_and_resumed_ends_where_one_local_process_does(
     out = log.read_text()
     assert pod.returncode == 0, out[-8000:]
     assert "teacher (finetune): done, skipped" in out
+    assert f"taking over the lease of {remote_run}" in out
     assert "resumed from checkpoint step" in out, out[-8000:]
 
     names = blob_names(remote_run)

@@ -1,7 +1,7 @@
 """Two processes run a recipe whose single-process stage (on process 0) outlasts the barrier timeout: the other
 process polls the stage's completion marker instead of waiting at a barrier, so the run completes; when the stage
-fails on process 0, both processes stop within seconds, naming its error. And a barrier does give up after its
-timeout (what a long stage would have run into)."""
+fails on process 0, both processes stop within seconds, naming its error; when another run holds the workdir, both
+stop at once, naming it. And a barrier does give up after its timeout (what a long stage would have run into)."""
 
 import os
 import subprocess
@@ -9,6 +9,7 @@ import sys
 import time
 
 from launch.local_multiprocess import commands, free_port, process_env
+from tests.experiments.runtime.test_workdir import HOLD
 from tests.launch.nap_stage import FAILURE
 from tests.multidevice import REPO
 
@@ -52,18 +53,29 @@ def _recipe(workdir, fail: bool) -> list[str]:
             f"--config.nap.config.seconds={NAP_S}", f"--config.nap.config.fail={fail}"]
 
 
-def test_a_stage_longer_than_the_barrier_timeout_completes_and_its_failure_stops_both_processes(tmp_path):
-    ok, failing = (_start(_recipe(tmp_path / name, fail), tmp_path, name)
-                   for name, fail in (("ok", False), ("failing", True)))
-    (rc0, _, out0), (rc1, _, out1) = _finish(ok)
-    assert (rc0, rc1) == (0, 0), out0[-4000:] + out1[-4000:]
-    assert "process 1 waits for process 0 to run nap" in out1
-    assert "slept_s" in open(tmp_path / "ok" / "nap" / "results.json").read()
+def test_a_stage_longer_than_the_barrier_timeout_completes_and_a_failure_or_a_refusal_stops_both_processes(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "held")], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)  # another run, holding the third run's workdir
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        ok, failing, refused = (_start(_recipe(tmp_path / name, fail), tmp_path, name)
+                                for name, fail in (("ok", False), ("failing", True), ("held", False)))
+        (rc0, _, out0), (rc1, _, out1) = _finish(ok)
+        assert (rc0, rc1) == (0, 0), out0[-4000:] + out1[-4000:]
+        assert "process 1 waits for process 0 to run nap" in out1
+        assert "slept_s" in open(tmp_path / "ok" / "nap" / "results.json").read()
 
-    (rc0, end0, out0), (rc1, end1, out1) = _finish(failing)
-    assert rc0 != 0 and rc1 != 0
-    assert FAILURE in out0 and f"process 0 failed in nap: RuntimeError: {FAILURE}" in out1, out1[-4000:]
-    assert abs(end1 - end0) < 10  # nobody is left waiting
+        (rc0, end0, out0), (rc1, end1, out1) = _finish(failing)
+        assert rc0 != 0 and rc1 != 0
+        assert FAILURE in out0 and f"process 0 failed in nap: RuntimeError: {FAILURE}" in out1, out1[-4000:]
+        assert abs(end1 - end0) < 10  # nobody is left waiting
+
+        (rc0, end0, out0), (rc1, end1, out1) = _finish(refused)
+        assert rc0 != 0 and rc1 != 0 and abs(end1 - end0) < 10
+        assert all(f"is in use by pid {holder.pid}" in out for out in (out0, out1)), out1[-4000:]
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 BARRIER = """

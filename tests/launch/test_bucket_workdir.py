@@ -6,11 +6,13 @@
 3. a store outage longer than the retry budget stops that run with a message naming an object of the workdir,
    and a rerun after the store is back resumes from the last complete checkpoint and finishes.
 
-Each run is ``python -m experiments.main`` on a tiny fine-tuning config (``tests/launch/tiny_finetune.py``) with a
-short lease timeout and retry budget.
+The runs are ``python -m experiments.main`` on a tiny fine-tuning config (``tests/launch/tiny_finetune.py``) with
+a short lease timeout and retry budget, going through the proxy; the refused run and the final one are the same
+job run in this process (no second JAX start-up), on the bucket directly.
 """
 
 import json
+import logging
 import os
 import re
 import signal
@@ -19,7 +21,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.flaky_store import Faults, FlakyStore
+from tests.launch import tiny_finetune
 from tests.multidevice import REPO, device_env
 from tests.object_store import blob_names, emulator_env
 
@@ -62,7 +67,26 @@ def _committed(workdir: str) -> list[int]:
     return sorted(int(m.group(1)) for n in blob_names(workdir) if (m := COMMITTED.fullmatch(n)))
 
 
-def test_a_bucket_workdir_refuses_a_second_run_is_taken_over_after_a_kill_and_survives_an_outage(gcs_bucket, tmp_path):
+@pytest.fixture
+def short_timeouts():
+    """This process's lease timeout and store retry budget as the subprocesses' flags set them (restored after)."""
+    from experiments.runtime import lease
+    from models import retries
+
+    policy, timeout = retries.policy(), lease.default_timeout_s()
+    retries.configure(RETRY_BUDGET_S)
+    lease.configure(LEASE_TIMEOUT_S)
+    yield
+    retries._policy = policy
+    lease.configure(timeout)
+
+
+def test_a_bucket_workdir_refuses_a_second_run_is_taken_over_after_a_kill_and_survives_an_outage(
+        gcs_bucket, tmp_path, short_timeouts, caplog):
+    from experiments.jobs import registry
+    from experiments.runtime.workdir import WorkdirBusyError
+    from models import storage
+
     bucket, env = gcs_bucket
     workdir = f"{bucket}/workdir-{os.getpid()}"
     with FlakyStore(env["STORAGE_EMULATOR_HOST"], seed=0) as proxy:
@@ -74,11 +98,11 @@ def test_a_bucket_workdir_refuses_a_second_run_is_taken_over_after_a_kill_and_su
                 assert time.monotonic() < deadline, "no checkpoint in time"
                 time.sleep(0.1)
 
-            second = Run(workdir, proxy.url, tmp_path / "second.log")
-            assert second.end() != 0
-            out = second.output()
-            assert f"is in use by pid {first.proc.pid} on host {socket.gethostname()}" in out, out[-4000:]
-            assert time.monotonic() - second.started < 60  # refused at start, before any work
+            start = time.monotonic()
+            holder = rf"is in use by pid {first.proc.pid} on host {socket.gethostname()}"
+            with pytest.raises(WorkdirBusyError, match=holder):
+                registry.run(tiny_finetune.get_config(), workdir)  # the same job, in this process
+            assert time.monotonic() - start < 5  # refused at start, before any work
 
             first.proc.send_signal(signal.SIGKILL)
         finally:
@@ -101,16 +125,14 @@ def test_a_bucket_workdir_refuses_a_second_run_is_taken_over_after_a_kill_and_su
             third.end()
         out = third.output()
         assert re.search(rf"{workdir}/\S+: still failing after \d+ tries", out), out[-6000:]
+        assert "object-store retries:" in out  # the count, logged as the run stops
         assert stopped < 60, f"{stopped:.0f} s to stop"
         assert "results.json" not in " ".join(blob_names(workdir))  # it did not finish
         complete = _committed(workdir)[-1]
 
-        proxy.set_faults(Faults())
-        time.sleep(LEASE_TIMEOUT_S + 0.5)  # its lease could not be released while the store was down
-        fourth = Run(workdir, proxy.url, tmp_path / "fourth.log")
-        assert fourth.end() == 0, fourth.output()[-6000:]
-    out = fourth.output()
-    assert f"resumed from checkpoint step {complete}" in out, out[-6000:]
-    assert "object-store retries:" in out
-    from models import storage
-    assert json.loads(storage.read_text(f"{workdir}/results.json"))["steps"] == 100
+    time.sleep(LEASE_TIMEOUT_S + 0.5)  # its lease could not be released while the store was down
+    with caplog.at_level(logging.INFO):
+        results = registry.run(tiny_finetune.get_config(), workdir)  # the store is back
+    assert f"taking over the lease of {workdir}" in caplog.text
+    assert f"resumed from checkpoint step {complete}" in caplog.text, caplog.text[-6000:]
+    assert results["steps"] == 100 == json.loads(storage.read_text(f"{workdir}/results.json"))["steps"]

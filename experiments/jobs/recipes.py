@@ -18,8 +18,8 @@ stage after it that depends on it; an interrupted stage resumes from its checkpo
 
 In a multi-host run every process runs the recipe: process 0 decides what is done and tells the others, writes
 the shared files (``recipe.json``, ``stage.json``, the report) and runs the single-process stages (prune,
-quantize, export) and the report while the others wait, polling its completion marker so that no barrier timeout
-limits how long it takes, and stopping with its error if it fails (:mod:`experiments.runtime.single_process`); the
+quantize, export) and the report while the others wait for its outcome, however long it takes (no barrier timeout
+limits it), stopping with its error if it fails (:mod:`experiments.runtime.single_process`); the
 processes meet at a barrier after each stage, before anyone reads what it wrote. ``WORKDIR/recipe.json``
 records the recipe: running a different recipe in the same workdir is an error before any stage runs, as is a recipe
 whose stages do not fit together (a source that is not an earlier stage, a source family the stage's job does not

@@ -101,7 +101,7 @@ class Job:
       check: ``config -> None``, raising ConfigError: the job's own checks that need no work (paths exist,
         devices divide the batch), run with validation, before the workdir is created.
       single_process: a job without collectives (pruning, PTQ, export): in a multi-host run process 0 runs
-        it and writes its files while the others poll its completion marker, however long it takes
+        it and writes its files while the others wait for its outcome, however long it takes
         (:mod:`experiments.runtime.single_process`), then read its ``results.json``; if it fails there, every
         process stops with its error.
     """

@@ -82,6 +82,14 @@ def check_same_versions() -> None:
 _barriers = 0  # barriers met so far: every process meets them in the same order, so their keys agree
 
 
+def coordination_client():
+    """The client of the distributed runtime's coordination service (barriers with timeouts, a key-value store),
+    or None without ``jax.distributed``. JAX does not expose it publicly; its own serialization reads it so."""
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
 def barrier(name: str, timeout_s: float) -> None:
     """All processes of a multi-host run meet here (nothing with one process); raises RuntimeError naming the
     barrier when not every process arrives within ``timeout_s`` seconds.
@@ -93,11 +101,9 @@ def barrier(name: str, timeout_s: float) -> None:
     global _barriers
     if jax.process_count() == 1:
         return
-    from jax._src import distributed  # the client is not exposed publicly; jax's own serialization reads it so
-
     key = f"nlpress/{name}/{_barriers}"
     _barriers += 1
-    client = distributed.global_state.client
+    client = coordination_client()
     if client is None:  # pragma: no cover - several processes without jax.distributed (none known)
         from jax.experimental import multihost_utils
 

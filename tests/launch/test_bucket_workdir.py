@@ -40,8 +40,8 @@ class Run:
         self.log = open(log_path, "w")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "experiments.main", "--config=tests/launch/tiny_finetune.py",
-             f"--workdir={workdir}", f"--lease_timeout_s={LEASE_TIMEOUT_S}", f"--store_retry_budget_s={RETRY_BUDGET_S}"],
+            [sys.executable, "-m", "experiments.main", "--config=tests/launch/tiny_finetune.py", f"--workdir={workdir}",
+             f"--lease_timeout_s={LEASE_TIMEOUT_S}", f"--store_retry_budget_s={RETRY_BUDGET_S}"],
             cwd=REPO, env={**device_env(1), **emulator_env(proxy_url)}, stdout=self.log, stderr=subprocess.STDOUT)
 
     def output(self) -> str:

@@ -3,7 +3,6 @@ process polls the stage's completion marker instead of waiting at a barrier, so 
 fails on process 0, both processes stop within seconds, naming its error; when another run holds the workdir, both
 stop at once, naming it. And a barrier does give up after its timeout (what a long stage would have run into)."""
 
-import os
 import subprocess
 import sys
 import time

@@ -84,7 +84,7 @@ def test_of_two_runs_taking_over_a_stale_lease_exactly_one_wins(run_dir):
     (gen_a, age, _), (gen_b, _, _) = a._read(), b._read()
     assert gen_a == gen_b and age > 0.5
     assert [a._write(gen_a), b._write(gen_b)] == [True, False]  # the precondition on the stale generation
-    with pytest.raises(lease.LeaseHeldError, match=rf"in use by pid \d+ on host .* renewed 0 s ago"):
+    with pytest.raises(lease.LeaseHeldError, match=r"in use by pid \d+ on host .* renewed 0 s ago"):
         b.acquire()
     a.release()
 

@@ -15,15 +15,17 @@ What each client does on its own, and so where the retries live:
   itself. Orbax exposes no setting for it (``gcs_request_retries`` of the TensorStore context).
 * The Cloud Storage client (the lease, :mod:`experiments.runtime.lease`) retries conditional requests.
 
-So the retries live at the request level, under one :class:`RetryPolicy` for all three: :func:`install`
-registers :class:`RetryingGCSFileSystem` for ``gs://``, whose requests retry transient failures (HTTP 408, 429,
-500, 502, 503, 504, dropped or refused connections, timeouts) with bounded exponential backoff until the
-policy's budget is spent, log each retry and count it; an upload whose try failed is checked before it is redone
-(the object's MD5 against the payload: if the write landed, its answer is the object as it now stands), a delete
-retried onto a 404 has succeeded, and ``isfile``/``isdir`` let errors other than "not found" through.
-:mod:`experiments.runtime.checkpointing` gives TensorStore the same budget (:func:`tensorstore_retries`), and
-the lease uses :func:`call`. A request that still fails when the budget is spent raises
-:class:`StoreUnavailableError` naming the object, which stops the run; what was published before stays usable.
+So the retries live at the request level, under one :class:`RetryPolicy` for all three. :func:`install` registers
+``RetryingGCSFileSystem`` for ``gs://``: its requests retry what gcsfs retries (HTTP 408, 429, 500, 502, 503,
+504, dropped or refused connections, a token expired in flight) and total timeouts, with bounded exponential
+backoff until the policy's budget is spent, logging and counting each retry; an upload whose try failed is
+checked before it is redone (the object's MD5 against the payload: if the write landed, its answer is the object
+as it now stands), a delete retried onto a 404 has succeeded, and ``isfile``/``isdir`` let errors other than "not
+found" through. :mod:`experiments.runtime.checkpointing` gives TensorStore the same budget
+(:func:`tensorstore_retries`), and the lease uses :func:`call`. A request that still fails when the budget is
+spent raises :class:`StoreUnavailableError` naming the object, which stops the run; what was published before
+stays usable. Not covered: gcsfs's ``get_file`` (whole-file downloads, unused here, keep gcsfs's own retries) and
+the gRPC paths of zonal buckets.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ def transient_reason(exc: BaseException) -> str | None:
     code = getattr(exc, "code", None)
     code = code if isinstance(code, int) else getattr(exc, "status", None)  # gcsfs HttpError / aiohttp
     if isinstance(code, int):
+        if code == 401 and "Invalid Credentials" in str(exc):  # a token that expired in flight: refreshed on retry
+            return "HTTP 401 (expired token)"
         return f"HTTP {code}" if code in TRANSIENT_HTTP else None
     name = type(exc).__name__
     if name == "ProxyError":  # gcsfs turns 502 into requests' ProxyError
@@ -111,7 +115,7 @@ def transient_reason(exc: BaseException) -> str | None:
     if isinstance(exc, ConnectionError) or name in (
             "ServerDisconnectedError", "ClientConnectionError", "ClientOSError", "ClientPayloadError",
             "ClientConnectorError", "ChunkedEncodingError", "ConnectionError", "RemoteDisconnected",
-            "TransportError", "ChecksumError"):
+            "TransportError", "RefreshError", "ChecksumError"):
         return "connection dropped"
     return None
 

@@ -150,7 +150,7 @@ def claim_table(config, workdir: str) -> dict:
             found = [r for r in (_run_record(workdir, n, keys[n], metric, s) for n, s in zip(runs, seeds))
                      if r is not None]
             values = [100 * r["value"] for r in found if r["value"] is not None]
-            arms[arm] = {"runs": found, "expected": len(runs), **spread(values)}
+            arms[arm] = {"runs": found, "expected": len(runs), "run_names": runs, **spread(values)}
         margins, differences = _paired(claim, arms)
         ci = interval(margins)
         row.update(task=task, metric=metric, arms=arms, margins=margins,
@@ -206,6 +206,8 @@ def _rule_text(row: dict) -> str:
 
 
 def _selection_text(runs: list[dict]) -> str:
+    if not runs:
+        return "no run finished yet"
     chosen = [r["selection"] for r in runs if r.get("selection")]
     if not chosen:
         return "no choice made (fixed settings)"
@@ -238,6 +240,8 @@ def render(table: dict, command: str) -> str:
         "difference over seeds lies above 0; a claim that an arm *retains* the baseline holds when the mean paired "
         "margin (treatment - ratio x baseline + tolerance) is >= 0; either is contradicted when the whole interval "
         "lies below 0, and not shown otherwise.",
+        "",
+        f"Runs finished: {_runs_done(table)}.",
         "",
         "| claim | paper | task | treatment | baseline | difference | margin [95% interval] | verdict | study target |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -272,6 +276,16 @@ def render(table: dict, command: str) -> str:
             lines.append(f"| {arm}{role} | {len(a['runs'])}/{a['expected']} | {per_seed} | {_fmt(a['mean'])} | "
                          f"{_fmt(a['sd'])} | {', '.join(map(str, steps)) or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _runs_done(table: dict) -> str:
+    """``"N of M"`` distinct runs of the table's claims finished (a run two claims share counts once)."""
+    done, expected = set(), set()
+    for row in table["rows"]:
+        for a in row.get("arms", {}).values():
+            done |= {r["run"] for r in a["runs"]}
+            expected |= set(a["run_names"])
+    return f"{len(done)} of {len(expected)}"
 
 
 def _treatment(row) -> str:

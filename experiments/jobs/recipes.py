@@ -78,7 +78,7 @@ def check_recipe(config, workdir: str = "") -> list[str]:
         if len(sources) > job.max_sources or (sources and not (job.source_fields or job.link)):
             raise RecipeError(f"stage {name!r} ({kind}) names {len(sources)} source(s) {sources}; a {kind} stage "
                               f"takes at most {job.max_sources}")
-        if not sources and (job.source_fields or job.link) and kind not in ("finetune", "multitask"):
+        if not sources and (job.source_fields or job.link) and not job.source_optional:
             raise RecipeError(f"stage {name!r} ({kind}) needs a source: the earlier stage whose model it starts from")
         for src in sources:
             if src not in names[:i]:

@@ -96,6 +96,8 @@ class Job:
       source_fields: config fields a recipe stage fills with its source stage's model directory.
       link: replaces the default filling (e.g. export: several sources, quant states).
       max_sources: sources a recipe stage may name (0: none, the first stage of a recipe).
+      source_optional: a stage of it may also start from nothing but its config (fine-tuning from a pretrained
+        checkpoint, a multi-task teacher): a recipe's first stage.
       reference: ``config -> reference config`` the schema is derived from (default: ``get_config()``).
       model_subdir: ``config -> directory name`` of the model it writes (default ``model``).
       check: ``config -> None``, raising ConfigError: the job's own checks that need no work (paths exist,
@@ -115,6 +117,7 @@ class Job:
     source_fields: tuple[str, ...] = ("model_dir",)
     link: Callable | None = None
     max_sources: int = 1
+    source_optional: bool = False
     reference: Callable | None = None
     model_subdir: Callable[[Any], str] = lambda config: "model"
     check: Callable[[Any], None] | None = None
@@ -185,7 +188,7 @@ def _multitask_reference(config):
 
 _TRAIN = _lazy("experiments.jobs.train", "build")
 JOBS: dict[str, Job] = {job.name: job for job in (
-    Job("finetune", "experiments.configs.finetune", build=_TRAIN, max_sources=1),
+    Job("finetune", "experiments.configs.finetune", build=_TRAIN, max_sources=1, source_optional=True),
     Job("qat", "experiments.configs.qat", build=_TRAIN),
     Job("theseus", "experiments.configs.theseus", build=_TRAIN),
     Job("l0", "experiments.configs.l0", build=_TRAIN),
@@ -197,7 +200,7 @@ JOBS: dict[str, Job] = {job.name: job for job in (
     Job("multitask", "experiments.configs.multitask", run_fn=_lazy("experiments.jobs.multitask",
                                                                    "multitask_and_evaluate"),
         reference=_multitask_reference, check=_lazy("experiments.jobs.multitask", "_check_config"),
-        model_subdir=lambda c: f"model_{[t.strip() for t in c.tasks.split(',')][0]}"),
+        model_subdir=lambda c: f"model_{[t.strip() for t in c.tasks.split(',')][0]}", source_optional=True),
     Job("prune", "experiments.configs.prune", run_fn=_lazy("experiments.jobs.stages", "prune"), single_process=True),
     Job("quantize", "experiments.configs.quantize", run_fn=_lazy("experiments.jobs.stages", "quantize"),
         family=lambda c: None, single_process=True),

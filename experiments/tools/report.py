@@ -232,7 +232,7 @@ def _onnx_call(e: Entry, data: dict) -> Callable[[], object]:
     return lambda: sess.run(None, feed)
 
 
-def measure(entries: list[Entry], *, batch: int = 32, seq: int = 128, rounds: int = 5) -> None:
+def time_entries(entries: list[Entry], *, batch: int = 32, seq: int = 128, rounds: int = 5) -> None:
     """Fills ``latency_ms``, ``tokens_per_s`` (batch x seq), ``latency_b1_ms`` (1 x seq) and, for JAX rows,
     ``gflops`` of every entry: one process, every call of every row interleaved round by round."""
     fns = {}
@@ -491,7 +491,7 @@ def build_report(run_dirs: list[str], out_dir: str, *, reference: str | None = N
             raise ValueError(f"reference {reference!r} is none of {[e.name for e in entries]}")
         ref = matches[0]
     entries = [ref] + [e for e in entries if e is not ref]  # the reference first, then in the runs' order
-    measure(entries, batch=batch, seq=seq, rounds=rounds)
+    time_entries(entries, batch=batch, seq=seq, rounds=rounds)
     return write_report(entries, ref, out_dir, batch=batch, seq=seq, title=title)
 
 

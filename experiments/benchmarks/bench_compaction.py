@@ -16,7 +16,7 @@ import numpy as np
 from absl import flags
 
 from compression.pruning import compaction
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.runtime import cli
 from models.transformer import Transformer, TransformerConfig
 
@@ -80,23 +80,23 @@ def run(fv: flags.FlagValues):
 
     full_fn, small_fn = jax.jit(forward(cfg)), jax.jit(forward(small_cfg))
     diff = float(jnp.abs(full_fn(masked_params(cfg, params, heads, ffn), ids) - small_fn(small_params, ids)).max())
-    times = measure.time_interleaved({"unpruned": lambda: full_fn(params, ids),
+    times = measuring.time_interleaved({"unpruned": lambda: full_fn(params, ids),
                                      "compacted": lambda: small_fn(small_params, ids)}, rounds=fv.rounds)
-    flops = {"unpruned": measure.compiled_flops(forward(cfg), params, ids),
-             "compacted": measure.compiled_flops(forward(small_cfg), small_params, ids)}
-    sizes = {"unpruned": measure.param_count(params), "compacted": measure.param_count(small_params)}
+    flops = {"unpruned": measuring.compiled_flops(forward(cfg), params, ids),
+             "compacted": measuring.compiled_flops(forward(small_cfg), small_params, ids)}
+    sizes = {"unpruned": measuring.param_count(params), "compacted": measuring.param_count(small_params)}
     tokens = fv.batch * fv.seq
-    rows = [{"model": n, "params": sizes[n], "gflops": flops[n] / 1e9, "median_ms": 1e3 * measure.median(t),
-             "tokens_per_s": tokens / measure.median(t)} for n, t in times.items()]
+    rows = [{"model": n, "params": sizes[n], "gflops": flops[n] / 1e9, "median_ms": 1e3 * measuring.median(t),
+             "tokens_per_s": tokens / measuring.median(t)} for n, t in times.items()]
     speed_ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     flop_ratio = flops["unpruned"] / flops["compacted"]
-    measure.print_table(rows, ["model", "params", "gflops", "median_ms", "tokens_per_s"],
+    measuring.print_table(rows, ["model", "params", "gflops", "median_ms", "tokens_per_s"],
                        f"Compaction: {fv.head_fraction:.0%} heads, {fv.ffn_fraction:.0%} FFN units pruned; "
                        f"batch {fv.batch} x seq {fv.seq}")
     print(f"masked vs compacted max |logit diff|: {diff:.2e}")
     print(f"speed ratio {speed_ratio:.2f}x, FLOP ratio {flop_ratio:.2f}x, speed/FLOP = "
           f"{speed_ratio / flop_ratio:.0%} (target >= 80%)")
-    measure.write_json(fv.out, {"benchmark": "compaction", "rows": rows, "speed_ratio": speed_ratio,
+    measuring.write_json(fv.out, {"benchmark": "compaction", "rows": rows, "speed_ratio": speed_ratio,
                                  "flop_ratio": flop_ratio, "max_abs_logit_diff": diff,
                                  "heads_per_layer": list(small_cfg.num_heads),
                                  "ffn_per_layer": list(small_cfg.intermediate_size), "times_s": times})

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from absl import flags
 
 from compression import fusion, precision
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.runtime import cli
 from models.transformer import Transformer, TransformerConfig
 
@@ -39,7 +39,7 @@ MAX_SEQ = TransformerConfig().max_position_embeddings  # longest sequence the po
 
 
 def _repeated(fn, args, iters: int):
-    """A zero-argument candidate for :func:`measure.time_interleaved` running ``fn(*args)`` ``iters`` times
+    """A zero-argument candidate for :func:`measuring.time_interleaved` running ``fn(*args)`` ``iters`` times
     (XLA runs the calls in order; blocking on the last result waits for all of them)."""
     def run():
         for _ in range(iters):
@@ -79,7 +79,7 @@ def qkv(batch: int, seq: int, policy: str, rounds: int, iters: int, seed: int) -
     fns = {"unfused": jax.jit(wrap(Transformer(cfg).apply)), "fused": jax.jit(wrap(Transformer(fused_cfg).apply))}
     args = {"unfused": ({"params": params}, ids), "fused": ({"params": fused_params}, ids)}
     outs = {k: jax.block_until_ready(fns[k](*args[k])) for k in fns}  # compile
-    times = measure.time_interleaved({k: _repeated(fns[k], args[k], iters) for k in fns}, rounds=rounds)
+    times = measuring.time_interleaved({k: _repeated(fns[k], args[k], iters) for k in fns}, rounds=rounds)
     med = {k: statistics.median(v) / iters for k, v in times.items()}
     ratio, lo, hi = _paired(times, "unfused", "fused")
     return {
@@ -106,7 +106,7 @@ def add_layernorm(batch: int, seq: int, rounds: int, iters: int, seed: int) -> d
     skip = jax.jit(fusion.skip_layer_norm)
     fns = {"two_programs": lambda p, a, b: ln(p, add(a, b)), "xla_one_program": fused_xla,
            "skip_layer_norm": lambda p, a, b: skip(a, b, scale, bias)}
-    times = measure.time_interleaved({k: _repeated(f, (p, x, r), iters) for k, f in fns.items()}, rounds=rounds)
+    times = measuring.time_interleaved({k: _repeated(f, (p, x, r), iters) for k, f in fns.items()}, rounds=rounds)
     med = {k: statistics.median(v) / iters for k, v in times.items()}
     kernels = {"xla_one_program": len(_entry_ops(fused_xla.lower(p, x, r).compile().as_text())),
                "skip_layer_norm": len(_entry_ops(skip.lower(x, r, scale, bias).compile().as_text()))}
@@ -153,14 +153,14 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 
 def run(fv: flags.FlagValues) -> dict:
     """The benchmark on parsed flags ``fv`` (:func:`define_flags`)."""
-    env = measure.environment()
+    env = measuring.environment()
     print(f"platform={env['platform']} device={env['device']}", flush=True)
     t0 = time.perf_counter()
     res_qkv = qkv(fv.batch, fv.seq, fv.precision, fv.rounds, fv.iters, fv.seed)
     res_ln = add_layernorm(fv.batch, fv.seq, fv.rounds, 10 * fv.iters, fv.seed)
 
     lo, hi = res_qkv["fused_over_unfused_min_max"]
-    measure.print_table(
+    measuring.print_table(
         [{"variant": "separate Q/K/V", "tokens_per_s": res_qkv["unfused_tokens_per_s"]},
          {"variant": "fused QKV", "tokens_per_s": res_qkv["fused_tokens_per_s"],
           "fused_over_unfused": res_qkv["fused_over_unfused"], "ratio_range": f"{lo:.2f}-{hi:.2f}",
@@ -168,7 +168,7 @@ def run(fv: flags.FlagValues) -> dict:
         ["variant", "tokens_per_s", "fused_over_unfused", "ratio_range", "max_abs_logit_diff", "max_abs_hidden_diff"],
         f"Fused QKV, MiniLM shape (random init), batch {fv.batch} x seq {fv.seq}, {fv.precision}, "
         f"{env['platform']}; median of {fv.rounds} interleaved rounds (ratio: per-round paired)")
-    measure.print_table(
+    measuring.print_table(
         [{"variant": k, "ms_per_call": v, "kernels": res_ln["kernels"].get(k, "-")} for k, v in res_ln["ms"].items()],
         ["variant", "ms_per_call", "kernels"],
         f"Residual add + LayerNorm on {res_ln['shape']} (kernels: top-level ops of the compiled program)")
@@ -177,7 +177,7 @@ def run(fv: flags.FlagValues) -> dict:
           f"{res_ln['projection_is_separate_kernel_in_layer']}")
     results = {"benchmark": "fusion", "batch": fv.batch, "seq": fv.seq, "rounds": fv.rounds,
                "qkv": res_qkv, "add_layernorm": res_ln, "wall_s": time.perf_counter() - t0}
-    measure.write_json(fv.out, results)
+    measuring.write_json(fv.out, results)
     return results
 
 

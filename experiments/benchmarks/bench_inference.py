@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.runtime import cli
 from models.transformer import Transformer, TransformerConfig
 
@@ -74,20 +74,20 @@ def run(fv: flags.FlagValues):
         candidates["transformers BertModel (PyTorch)"] = _torch(cfg, ids, mask, fv.threads)
     except ImportError:
         print("torch not installed: measuring our side only (pip install -e .[torch] for the comparison)")
-    times = measure.time_interleaved(candidates, rounds=fv.rounds, block=lambda x: getattr(
+    times = measuring.time_interleaved(candidates, rounds=fv.rounds, block=lambda x: getattr(
         x, "block_until_ready", lambda: x)())
     tokens = fv.batch * fv.seq
-    rows = [{"model": name, "median_ms": 1e3 * measure.median(t), "tokens_per_s": tokens / measure.median(t)}
+    rows = [{"model": name, "median_ms": 1e3 * measuring.median(t), "tokens_per_s": tokens / measuring.median(t)}
             for name, t in times.items()]
     if len(rows) == 2:
         ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
         for r in rows:
             r["ratio_vs_torch"] = r["tokens_per_s"] / rows[1]["tokens_per_s"]
-    measure.print_table(rows, ["model", "median_ms", "tokens_per_s", "ratio_vs_torch"],
+    measuring.print_table(rows, ["model", "median_ms", "tokens_per_s", "ratio_vs_torch"],
                        f"Inference, MiniLM shape, batch {fv.batch} x seq {fv.seq}, {fv.threads} threads")
     if len(rows) == 2:
         print(f"ratio ours / PyTorch: {ratio:.2f}x (target >= 1.0)")
-    measure.write_json(fv.out, {"benchmark": "inference", "batch": fv.batch, "seq": fv.seq,
+    measuring.write_json(fv.out, {"benchmark": "inference", "batch": fv.batch, "seq": fv.seq,
                                  "rounds": fv.rounds, "rows": rows, "times_s": times})
 
 

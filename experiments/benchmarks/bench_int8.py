@@ -37,7 +37,7 @@ import numpy as np
 from absl import flags
 
 from compression import quantization
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.runtime import hardware
 from experiments.runtime import cli
 from models.transformer import Transformer, TransformerConfig
@@ -106,9 +106,9 @@ def measure(batch: int, seq: int, rounds: int, with_torch: bool) -> dict:
                   "gemm_float32": lambda: gemm_f32(x, w), "gemm_int8": lambda: gemm_i8(x_q, w_q)}
     if with_torch:
         candidates.update(_torch_candidates(cfg, ids_np, np.ones((batch, seq), np.int32)))
-    times = measure.time_interleaved(candidates, rounds=rounds,
+    times = measuring.time_interleaved(candidates, rounds=rounds,
                                     block=lambda r: r if hasattr(r, "detach") else jax.block_until_ready(r))
-    med = {k: measure.median(v) for k, v in times.items()}
+    med = {k: measuring.median(v) for k, v in times.items()}
     out = {"float32_ms": 1e3 * med["float32"], "int8_ms": 1e3 * med["int8"],
            "speedup": med["float32"] / med["int8"], "tokens_per_s_float32": batch * seq / med["float32"],
            "tokens_per_s_int8": batch * seq / med["int8"], "ffn_gemm_speedup": med["gemm_float32"] / med["gemm_int8"],
@@ -168,14 +168,14 @@ def run(fv: flags.FlagValues):
     if not fv.quiet:
         rows = [{"xla_flags": name, **{k: v for k, v in r.items() if k not in ("times_s", "cpu_int8_isa")}}
                 for name, r in results.items()]
-        measure.print_table(rows, ["xla_flags", "float32_ms", "int8_ms", "speedup", "tokens_per_s_int8",
+        measuring.print_table(rows, ["xla_flags", "float32_ms", "int8_ms", "speedup", "tokens_per_s_int8",
                                   "ffn_gemm_speedup", "torch_int8_speedup", "int8_vs_fake_quant_rel_diff",
                                   "error"],
                            f"int8 vs float32 inference, MiniLM shape, batch {fv.batch} x seq {fv.seq}")
         best = max((r["speedup"] for r in results.values() if "speedup" in r), default=float("nan"))
         isa = next((r["cpu_int8_isa"] for r in results.values() if "cpu_int8_isa" in r), [])
         print(f"best int8 speed-up: {best:.2f}x (target >= 2.5x); CPU int8-relevant ISA: {', '.join(isa) or '?'}")
-    measure.write_json(out_path, {"batch": fv.batch, "seq": fv.seq, "results": results})
+    measuring.write_json(out_path, {"batch": fv.batch, "seq": fv.seq, "results": results})
 
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.runtime import cli
 from models import theseus as tmodels
 from models.transformer import Transformer, TransformerConfig
@@ -59,23 +59,23 @@ def run(fv: flags.FlagValues):
         model = Transformer(cfg)
         fn = jax.jit(lambda p, x, m=model: m.apply({"params": p}, x).logits)
         fns[name] = (fn, params)
-    times = measure.time_interleaved({n: (lambda f=f, p=p: f(p, ids)) for n, (f, p) in fns.items()},
+    times = measuring.time_interleaved({n: (lambda f=f, p=p: f(p, ids)) for n, (f, p) in fns.items()},
                                     rounds=fv.rounds)
     tokens = fv.batch * fv.seq
     rows = []
     for name, (cfg, params) in variants.items():
         model = Transformer(cfg)
-        rows.append({"model": name, "kv_params": kv_param_count(params), "params": measure.param_count(params),
-                     "gflops": measure.compiled_flops(lambda p, x: model.apply({"params": p}, x).logits, params,
+        rows.append({"model": name, "kv_params": kv_param_count(params), "params": measuring.param_count(params),
+                     "gflops": measuring.compiled_flops(lambda p, x: model.apply({"params": p}, x).logits, params,
                                                      ids) / 1e9,
-                     "tokens_per_s": tokens / measure.median(times[name])})
+                     "tokens_per_s": tokens / measuring.median(times[name])})
     for r in rows:
         r["speed_vs_full"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
         r["kv_param_reduction"] = rows[0]["kv_params"] / r["kv_params"]
-    measure.print_table(rows, ["model", "kv_params", "kv_param_reduction", "params", "gflops", "tokens_per_s",
+    measuring.print_table(rows, ["model", "kv_params", "kv_param_reduction", "params", "gflops", "tokens_per_s",
                               "speed_vs_full"],
                        f"{fv.layers}-layer successors, batch {fv.batch} x seq {fv.seq}")
-    measure.write_json(fv.out, {"benchmark": "mqa", "rows": rows, "times_s": times})
+    measuring.write_json(fv.out, {"benchmark": "mqa", "rows": rows, "times_s": times})
 
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from absl import flags
 
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.runtime import cli
 
 SHAPES = ((32, 128), (1, 128))
@@ -208,8 +208,8 @@ def run(fv: flags.FlagValues):
         feeds = _pad_to(sentences[0], batch, seq)
         candidates = {name: (lambda s=sess: s.run(None, feeds)) for name, sess in sessions.items()}
         rounds = fv.rounds * max(1, 32 // batch)  # small calls are noisier and cheap: more rounds
-        times = measure.time_interleaved(candidates, rounds=rounds, warmup=2, block=lambda x: x)
-        med = {name: measure.median(t) for name, t in times.items()}
+        times = measuring.time_interleaved(candidates, rounds=rounds, warmup=2, block=lambda x: x)
+        med = {name: measuring.median(t) for name, t in times.items()}
         key = f"{batch}x{seq}"
         results[key] = {"rounds": rounds, "median_s": med, "times_s": times,
                         "ours_over_torch_fp32": med["ours_fp32"] / med["torch_fp32"],
@@ -220,7 +220,7 @@ def run(fv: flags.FlagValues):
                          "tokens/s": batch * seq / med[name], **accuracy[name], **{
                              f"fused_{k}": v for k, v in fusion.get(name, {}).items() if k in
                              ("Attention", "SkipLayerNormalization", "BiasGelu", "Gelu")}})
-    measure.print_table(rows, ["shape", "candidate", "ms", "tokens/s", "cosine_mean", "cosine_min",
+    measuring.print_table(rows, ["shape", "candidate", "ms", "tokens/s", "cosine_mean", "cosine_min",
                               "fused_Attention", "fused_SkipLayerNormalization", "fused_BiasGelu"],
                        title=f"MiniLM in onnxruntime ({fv.threads} threads; cosine to JAX float32 over "
                              f"{len(ref)} {'SST-2 dev' if data is not None else 'random'} sentences)")
@@ -230,7 +230,7 @@ def run(fv: flags.FlagValues):
               f"{r['ours_int8_over_torch_dynamic_int8']:.3f}")
     parity = {name: {"max_abs_diff": rep.max_abs_diff(), "relative_rms": max(c.relative_rms for c in rep.comparisons),
                      "op_counts": rep.op_counts} for name, rep in reports.items()}
-    measure.write_json(fv.out, {"benchmark": "bench_onnx", "threads": fv.threads, "rounds": fv.rounds,
+    measuring.write_json(fv.out, {"benchmark": "bench_onnx", "threads": fv.threads, "rounds": fv.rounds,
                                  "exact_int8": fv.exact_int8,
                                  "calib_batches": fv.calib_batches, "calib_method": fv.calib_method,
                                  "eval_sentences": int(len(ref)), "data": fv.data_dir, "fusion": fusion,

@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags
 
 from compression import precision
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.runtime import cli
 from models.transformer import Transformer, TransformerConfig
 
@@ -62,7 +62,7 @@ def inference(batch: int, seq: int, rounds: int, seed: int) -> dict:
         outs[name] = jax.block_until_ready(fns[name](variables, ids, mask))
         print(f"  compiled {name} in {time.perf_counter() - start:.1f}s", flush=True)
 
-    times = measure.time_interleaved({name: (lambda f=fns[name]: f(variables, ids, mask)) for name in POLICIES},
+    times = measuring.time_interleaved({name: (lambda f=fns[name]: f(variables, ids, mask)) for name in POLICIES},
                                     rounds=rounds, warmup=0)  # compiled and warmed up above
 
     ref = outs["float32"]
@@ -151,7 +151,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 
 def run(fv: flags.FlagValues) -> dict:
     """The benchmark on parsed flags ``fv`` (:func:`define_flags`)."""
-    env = measure.environment()
+    env = measuring.environment()
     print(f"platform={env['platform']} device={env['device']}", flush=True)
     t0 = time.perf_counter()
     inf = inference(fv.batch, fv.seq, fv.rounds, fv.seed)
@@ -164,13 +164,13 @@ def run(fv: flags.FlagValues) -> dict:
         rows.append({"policy": name, "ms_per_batch": 1e3 * r["median_s_per_batch"], "tokens_per_s": r["tokens_per_s"],
                      "speed_vs_float32": r["ratio_vs_float32"], "ratio_range": f"{lo:.2f}-{hi:.2f}",
                      "max_abs_logit_diff": r["max_abs_logit_diff"], "max_abs_hidden_diff": r["max_abs_hidden_diff"]})
-    measure.print_table(rows, ["policy", "ms_per_batch", "tokens_per_s", "speed_vs_float32", "ratio_range",
+    measuring.print_table(rows, ["policy", "ms_per_batch", "tokens_per_s", "speed_vs_float32", "ratio_range",
                               "max_abs_logit_diff", "max_abs_hidden_diff"],
                        f"Inference, MiniLM shape (random init), batch {fv.batch} x seq {fv.seq}, islands on, "
                        f"{env['platform']}; median of {fv.rounds} interleaved rounds (speed: per-round paired "
                        "float32 time / policy time)")
     print(f"(max |logit| in float32: {inf['max_abs_logit_float32']:.3f})")
-    measure.print_table(
+    measuring.print_table(
         [{"gradients": "float16, no loss scaling", "flushed_to_zero": uf["float16_flushed_fraction"],
           "subnormal": uf["float16_subnormal_fraction"]},
          {"gradients": f"float16, loss scale 2^{int(np.log2(uf['loss_scale']))}",
@@ -182,7 +182,7 @@ def run(fv: flags.FlagValues) -> dict:
     results = {"benchmark": "precision", "batch": fv.batch, "seq": fv.seq, "rounds": fv.rounds,
                "model": "MiniLM-shaped, random init", "inference": inf, "underflow": uf,
                "wall_s": time.perf_counter() - t0}
-    measure.write_json(fv.out, results)
+    measuring.write_json(fv.out, results)
     return results
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.runtime import cli
 from models.transformer import Transformer, TransformerConfig
 
@@ -108,18 +108,18 @@ def run(fv: flags.FlagValues):
     def block(x):
         return jax.block_until_ready(x) if not hasattr(x, "detach") else x
 
-    times = measure.time_interleaved(candidates, rounds=fv.rounds, block=block)
+    times = measuring.time_interleaved(candidates, rounds=fv.rounds, block=block)
     tokens = fv.batch * fv.seq * fv.steps
-    rows = [{"model": name, "median_ms_per_step": 1e3 * measure.median(t) / fv.steps,
-             "tokens_per_s": tokens / measure.median(t)} for name, t in times.items()]
+    rows = [{"model": name, "median_ms_per_step": 1e3 * measuring.median(t) / fv.steps,
+             "tokens_per_s": tokens / measuring.median(t)} for name, t in times.items()]
     if len(rows) == 2:
         for r in rows:
             r["ratio_vs_torch"] = r["tokens_per_s"] / rows[1]["tokens_per_s"]
-    measure.print_table(rows, ["model", "median_ms_per_step", "tokens_per_s", "ratio_vs_torch"],
+    measuring.print_table(rows, ["model", "median_ms_per_step", "tokens_per_s", "ratio_vs_torch"],
                        f"Training step, MiniLM shape, batch {fv.batch} x seq {fv.seq}, {fv.threads} threads")
     if len(rows) == 2:
         print(f"ratio ours / PyTorch: {rows[0]['ratio_vs_torch']:.2f}x (target >= 1.0)")
-    measure.write_json(fv.out, {"benchmark": "train_step", "batch": fv.batch, "seq": fv.seq,
+    measuring.write_json(fv.out, {"benchmark": "train_step", "batch": fv.batch, "seq": fv.seq,
                                  "steps_per_call": fv.steps, "rows": rows, "times_s": times})
 
 

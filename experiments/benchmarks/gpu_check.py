@@ -76,7 +76,7 @@ from absl import app, flags
 from compression import loss_scale, precision, quantization
 from compression.pruning import compaction
 from experiments.benchmarks import accelerator, model_flops
-from experiments.runtime import measure, trainer
+from experiments.runtime import measuring, trainer
 from experiments.runtime.parallel import DataParallel
 from models import theseus
 from models.bilstm import BiLSTMClassifier, BiLSTMConfig
@@ -435,7 +435,7 @@ def measure(case: Case, rounds: int, target_call_s: float, clock: Clock) -> dict
             out = step()
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t) / iters)
-    med = measure.median(times)
+    med = measuring.median(times)
     return {"status": "ok", "compile_s": compile_s, "iters_per_call": iters, "rounds": len(times), "times_s": times,
             "median_s": med, "tokens_per_s": case.tokens / med, "flops_per_s": case.flops / med}
 
@@ -563,7 +563,7 @@ def run_check(shapes_name: str, budget_s: float, out: str | None, rounds: int | 
             r["max_rel_err_vs_bfloat16"] = fp8_errors[variant]
 
     peak = device["peak_bf16_flops"]
-    measure.print_table(table_rows(rows), TABLE_COLUMNS,
+    measuring.print_table(table_rows(rows), TABLE_COLUMNS,
                        f"GPU check ({shapes_name} shapes: teacher {shapes.teacher.num_layers} layers, hidden "
                        f"{shapes.teacher.hidden_size}, batch {shapes.batch} x seq {shapes.seq}) on {device['device_kind']}"
                        f"; MFU vs dense bf16 peak {peak / 1e12 if peak else 'unknown'} TFLOP/s")
@@ -578,7 +578,7 @@ def run_check(shapes_name: str, budget_s: float, out: str | None, rounds: int | 
     }
     clock.log(f"done in {clock.elapsed():.0f} s ({sum(r['status'] == 'ok' for r in rows)} of {len(rows)} rows "
               "measured)")
-    measure.write_json(out, payload)
+    measuring.write_json(out, payload)
     return payload
 
 

@@ -82,12 +82,16 @@ def _optional_str(value: str | None) -> config_dict.FieldReference:
 
 def task_and_options(arg: str, options) -> tuple[str, list[str]]:
     """Splits a config argument ``TASK[,OPTION...]`` whose TASK may hold commas itself (``tsv:text=a,label=b``):
-    the trailing comma-separated parts that are known ``options`` are the options, the rest is the task."""
+    the trailing comma-separated parts that are known ``options`` are the options, the rest is the task. After a
+    named task (``sst2,cosine``) every later part is returned as an option, for the caller to check."""
     parts = arg.split(",")
     found = []
     while len(parts) > 1 and parts[-1] in options:
         found.insert(0, parts.pop())
-    return ",".join(parts), found
+    task = ",".join(parts)
+    if not tasks.is_task_name(task) and tasks.is_task_name(parts[0]):
+        return parts[0], parts[1:] + found  # a named task, then parts no option knows: the caller names them
+    return task, found
 
 
 def training_config(task: str) -> ml_collections.ConfigDict:

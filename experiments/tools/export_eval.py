@@ -30,7 +30,7 @@ from absl import app, flags
 
 import models
 from compression.export import ExportError
-from experiments.runtime.measure import print_table, write_json
+from experiments.runtime.measuring import print_table, write_json
 from experiments.runtime import evaluation
 from experiments.runtime.metrics import classification_metrics
 from experiments.techniques import qat

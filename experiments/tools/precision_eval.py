@@ -41,7 +41,7 @@ from absl import app, flags
 import models
 from compression import precision
 from compression.sites import ISLAND_KINDS
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.data import TaskData
 from experiments.runtime import evaluation
 from experiments.runtime import cli
@@ -131,7 +131,7 @@ def run(fv: flags.FlagValues) -> dict:
     model, _, params, task = evaluation.load_model_task(fv.model_dir, task_name, fv.data_dir,
                                                         max_length=max_length, synthetic_size=fv.synthetic_size,
                                                         buckets=[max_length])
-    env = measure.environment()
+    env = measuring.environment()
     print(f"{task.name}: {len(task.dev)} dev examples, max_length {max_length}; {env['platform']} "
           f"({env['device']}); XLA_FLAGS={env['xla_flags']!r}", flush=True)
     results = evaluate(model, params, task, batch_size=fv.batch_size, names=fv.variants or None)
@@ -140,12 +140,12 @@ def run(fv: flags.FlagValues) -> dict:
     rows = [{"variant": name, key: r[key], "delta_points": r["delta_points"],
              "max_abs_logit_diff": r["max_abs_logit_diff"], "prediction_changes": r["prediction_changes"]}
             for name, r in results.items()]
-    measure.print_table(rows, ["variant", key, "delta_points", "max_abs_logit_diff", "prediction_changes"],
+    measuring.print_table(rows, ["variant", key, "delta_points", "max_abs_logit_diff", "prediction_changes"],
                        f"{task.name} dev, {storage.absolute(fv.model_dir)} (islands: float32 unless '-kind' "
                        "turns one off)")
     payload = {"model_dir": storage.absolute(fv.model_dir), "task": task.name, "dev_examples": len(task.dev),
                "max_length": max_length, "metric": key, "results": results}
-    measure.write_json(fv.out, payload)
+    measuring.write_json(fv.out, payload)
     return payload
 
 

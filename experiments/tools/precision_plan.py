@@ -48,7 +48,7 @@ from compression.quantization.plans import (
     switch_variables,
     switched_fake_quant,
 )
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.runtime import evaluation, selection
 from experiments.techniques.qat import QUANT_STATE_FILE, PLAN_FILE, save_plan, save_quant_state
 from experiments.runtime import cli
@@ -169,7 +169,7 @@ def plan_model(model_dir: str, out_dir: str, task: str | None = None, data_dir: 
                                                   plan=plan, quant_state=plan_variables[q.QUANT],
                                                   state_precision="plan", overwrite=True)
             report["onnx_matmul_flops"] = parity["files"]["model_plan.onnx"]["matmul_flops"]
-    measure.write_json(os.path.join(out_dir, "report.json"), report)
+    measuring.write_json(os.path.join(out_dir, "report.json"), report)
     return report
 
 
@@ -223,7 +223,7 @@ def run(fv: flags.FlagValues) -> dict:
           f"{report['budget_points']} points):")
     for site, fmt in report["plan"].items():
         print(f"  {fmt:5s}  {site}")
-    measure.print_table(report["rows"], ["variant", f"selection_{key}", key, "selection_delta", "delta_vs_float32",
+    measuring.print_table(report["rows"], ["variant", f"selection_{key}", key, "selection_delta", "delta_vs_float32",
                                         "agreement_with_float32", "low_precision_flops"],
                        f"{report['task']} ({report['family']}): float32, all-int8, all-FP8 and the plan")
     if "onnx_matmul_flops" in report:

@@ -44,7 +44,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.configs import finetune
 from experiments.runtime import cli
 from models import storage
@@ -143,12 +143,12 @@ def run(fv: flags.FlagValues) -> dict:
               "max": r.get("max", "-"), "delta_points": r.get("delta_points", "-"),
               "train_loss": r.get("train_loss", "-"), "skipped_steps": r.get("skipped_steps", "-"),
               "failed_runs": r["failed"]} for n, r in rows.items()]
-    measure.print_table(table, ["variant", "metric", "mean", "min", "max", "delta_points", "train_loss",
+    measuring.print_table(table, ["variant", "metric", "mean", "min", "max", "delta_points", "train_loss",
                                "skipped_steps", "failed_runs"],
                        f"Training precision on {config.task}, seeds {seeds} (dev; delta: mean vs float32's mean, "
                        "in points)")
     payload = {"task": config.task, "seeds": seeds, "config": config.to_dict(), "variants": rows}
-    measure.write_json(os.path.join(fv.workdir, "precision_train.json"), payload)
+    measuring.write_json(os.path.join(fv.workdir, "precision_train.json"), payload)
     return payload
 
 

@@ -75,7 +75,7 @@ from compression import quantization as q
 from compression.quantization.int8 import runs_in_int8
 from compression.quantization.plans import PrecisionPlan
 from compression.quantization.rules import trace_targets
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.data import TaskData
 from experiments.runtime import evaluation, selection
 from experiments.techniques import qat
@@ -267,7 +267,7 @@ def run(fv: flags.FlagValues) -> dict:
     rows = result["rows"]
     metric_columns = [k for k in rows[0] if k in task.metric_names or k.startswith(("span_", "token_"))]
     qat_columns = ["agreement_with_qat", "delta_vs_qat"] if qat else []
-    measure.print_table(rows, ["variant", *metric_columns, "delta_vs_float32", "agreement_with_float32",
+    measuring.print_table(rows, ["variant", *metric_columns, "delta_vs_float32", "agreement_with_float32",
                               "agreement_with_ptq", "delta_vs_ptq", *qat_columns, "quantized_modules",
                               "int8_modules", *(["low_precision_flops"] if plan else []), "dev_seconds"],
                        f"{task.name} dev ({len(task.dev)} examples), {cfg.family}: float32, int8 PTQ, real int8"
@@ -279,7 +279,7 @@ def run(fv: flags.FlagValues) -> dict:
                   f"({', '.join(f'{k} {v:.4f}' for k, v in c['scores'].items())})")
     payload = {"model_dir": fv.model_dir, "qat_model_dir": fv.qat_model_dir, "family": cfg.family,
                "task": task.name, "dev_examples": len(task.dev), **result}
-    measure.write_json(fv.out, payload)
+    measuring.write_json(fv.out, payload)
     return payload
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import models
-from experiments.runtime import measure
+from experiments.runtime import measuring
 from experiments.runtime import hardware, trainer
 from models import storage
 
@@ -123,7 +123,7 @@ def collect(run_dirs: list[str]) -> list[Entry]:
             extra = models.read_meta(model_dir).get("extra", {})
             name, value = _metric(results, extra.get("eval"))
             entries.append(Entry(os.path.basename(os.path.normpath(c)), c, model_dir, cfg.family,
-                                 name, value, measure.param_count(params), _dir_size_mb(model_dir),
+                                 name, value, measuring.param_count(params), _dir_size_mb(model_dir),
                                  chosen_on=_chosen_on(results, extra), apply=model.apply,
                                  variables={"params": params}))
         for c in _stage_dirs_without_model(run):
@@ -158,7 +158,7 @@ def collect_onnx(run_dir: str, results: dict) -> list[Entry]:
     for name, record in results.get("models", {}).items():
         meta = models.read_meta(record["model_dir"])
         cfg = models.io.config_class(meta["family"]).from_dict(meta["config"])
-        params = measure.param_count(models.load(record["model_dir"])[2])
+        params = measuring.param_count(models.load(record["model_dir"])[2])
         for file, info in sorted(record["files"].items()):
             metric_name, metric = _metric({"metric_names": meta.get("extra", {}).get("metric_names", [])},
                                           info.get("metrics"))
@@ -187,7 +187,7 @@ def collect_variants(run_dir: str, results: dict) -> list[Entry]:
         v8 = q.int8_variables(model.apply, variables, sample, inputs=tuple(sample))
         size = sum(x.nbytes for x in jax.tree.leaves(v8)) / 2 ** 20
         out.append(Entry(os.path.basename(os.path.normpath(run_dir)), run_dir, v["source_model"], cfg.family,
-                         v.get("metric_name"), v.get("metric"), measure.param_count(params), size, variant="int8",
+                         v.get("metric_name"), v.get("metric"), measuring.param_count(params), size, variant="int8",
                          apply=q.int8().wrap(model.apply), variables=v8))
     return out
 
@@ -244,13 +244,13 @@ def time_entries(entries: list[Entry], *, batch: int = 32, seq: int = 128, round
         if e.runtime == "jax":
             try:
                 sample = _sample_batch(e.family, cfg, batch, seq)
-                e.gflops = measure.compiled_flops(_forward(e), e.variables, sample) / 1e9
+                e.gflops = measuring.compiled_flops(_forward(e), e.variables, sample) / 1e9
             except Exception as err:  # cost analysis is best effort (some backends return none)
                 logging.warning("no FLOP count for %s: %s", e.name, err)
-    times = measure.time_interleaved(fns, rounds=rounds, warmup=1, block=_block)
+    times = measuring.time_interleaved(fns, rounds=rounds, warmup=1, block=_block)
     for e in entries:
-        e.latency_ms = 1e3 * measure.median(times[(e.name, batch)])
-        e.latency_b1_ms = 1e3 * measure.median(times[(e.name, 1)])
+        e.latency_ms = 1e3 * measuring.median(times[(e.name, batch)])
+        e.latency_b1_ms = 1e3 * measuring.median(times[(e.name, 1)])
         e.tokens_per_s = batch * seq / (e.latency_ms / 1e3)
 
 
@@ -446,7 +446,7 @@ def write_report(entries: list[Entry], reference: Entry, out_dir: str, *, batch:
     """Writes report.md, a self-contained report.html (plots embedded), report.json and the plots into
     ``out_dir``; returns the JSON payload."""
     storage.makedirs(out_dir)
-    env = measure.environment()
+    env = measuring.environment()
     for e in entries:
         e.ratio = e.tokens_per_s / reference.tokens_per_s if e.tokens_per_s and reference.tokens_per_s else None
     front = pareto(entries)
@@ -475,7 +475,7 @@ def write_report(entries: list[Entry], reference: Entry, out_dir: str, *, batch:
                "environment": env, "notes": notes,
                "models": [{k: v for k, v in dataclasses.asdict(e).items() if k not in ("apply", "variables")}
                           for e in entries]}
-    measure.write_json(os.path.join(out_dir, "report.json"), payload)
+    measuring.write_json(os.path.join(out_dir, "report.json"), payload)
     print("\n".join(md[:len(rows) + 7 + len(notes)]))
     return payload
 

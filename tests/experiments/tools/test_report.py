@@ -87,7 +87,7 @@ def test_plot_labels_never_overlap_even_on_coinciding_points(plot):
 
 def test_report_html_is_self_contained_and_notes_the_hardware(tmp_path, monkeypatch):
     import re
-    monkeypatch.setattr(report.common, "environment", lambda: {
+    monkeypatch.setattr(report.measuring, "environment", lambda: {
         "platform": "cpu", "cpu_model": "AMD EPYC 7B13", "cpu_isa": ["avx2"], "threads": 2, "machine": "x86_64",
         "jax": "0.x"})
     entries = _entries(CROWDED)

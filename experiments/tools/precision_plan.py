@@ -48,10 +48,8 @@ from compression.quantization.plans import (
     switch_variables,
     switched_fake_quant,
 )
-from experiments.runtime import measuring
-from experiments.runtime import evaluation, selection
-from experiments.techniques.qat import QUANT_STATE_FILE, PLAN_FILE, save_plan, save_quant_state
-from experiments.runtime import cli
+from experiments.runtime import cli, evaluation, measuring, selection
+from experiments.techniques.qat import PLAN_FILE, QUANT_STATE_FILE, save_plan, save_quant_state
 from experiments.tools.quant_eval import calibration_batches
 from models import storage
 
@@ -107,7 +105,7 @@ def plan_model(model_dir: str, out_dir: str, task: str | None = None, data_dir: 
     float_metric = reference.metrics(data)[key]
     start = time.perf_counter()
 
-    def measure(assignment: Mapping[str, str]) -> dict:
+    def assess(assignment: Mapping[str, str]) -> dict:
         p = predictions(switched, switch_variables(variables, assignment, scales["int8"], scales["fp8"]))
         return {"metric": p.metrics(data)[key], "kl": kl_divergence(reference, p)}
 
@@ -115,16 +113,16 @@ def plan_model(model_dir: str, out_dir: str, task: str | None = None, data_dir: 
     table = {s.name: {"flops": s.flops} for s in sites}
     overall = {}
     for fmt in formats:
-        overall[fmt] = measure(dict.fromkeys(names, fmt))
+        overall[fmt] = assess(dict.fromkeys(names, fmt))
         for s in names:
-            alone = measure({n: fmt if n == s else "float" for n in names})
-            all_but = measure({n: "float" if n == s else fmt for n in names})
+            alone = assess({n: fmt if n == s else "float" for n in names})
+            all_but = assess({n: "float" if n == s else fmt for n in names})
             table[s][fmt] = {"alone": alone, "all_but": all_but,
                              "sensitivity": alone["kl"] + max(0.0, overall[fmt]["kl"] - all_but["kl"])}
         logging.info("precision_plan: %s sensitivities of %d sites measured (%.0f s so far)", fmt, len(sites),
                      time.perf_counter() - start)
     sensitivity = {s: {f: table[s][f]["sensitivity"] for f in formats} for s in names}
-    chosen, record = choose_plan(sites, sensitivity, lambda a: measure(a)["metric"], reference=float_metric,
+    chosen, record = choose_plan(sites, sensitivity, lambda a: assess(a)["metric"], reference=float_metric,
                                  budget=budget / 100.0, formats=formats)
     measure_seconds = time.perf_counter() - start
     where = {**selection.record(data), "examples": len(split)}

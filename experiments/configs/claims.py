@@ -179,8 +179,7 @@ def _tiny_run(c, steps: int):
 def teacher(task: str, budget: str) -> ml_collections.ConfigDict:
     """The task's shared teacher: MiniLM fine-tuned (a tiny Transformer from scratch at the smoke budget)."""
     if budget == "smoke":
-        base = "synthetic" if task != "synthetic_ner" else "synthetic"
-        c = finetune.get_config(base)
+        c = finetune.get_config("synthetic")
         c.task = task
         _set(c, model__hidden_size=32, model__num_layers=2, model__num_heads=2, model__intermediate_size=64)
         return _tiny_run(c, 48)
